@@ -1,0 +1,211 @@
+"""Shared and exclusive locks, refreshed while work runs.
+
+Backups and restores take shared locks; forget and prune take exclusive
+ones. A lock is a sealed object ``locks/<random id>`` rewritten every
+``refresh_interval``. A lock not refreshed for ``stale_after`` (or whose
+process is gone, on the same host) is stale. A writer that cannot refresh
+its lock must not commit: by then another process may consider it dead.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from pgkloset_core.errors import CorruptObject, LockError
+from pgkloset_core.kloset.crypto import MasterKey
+from pgkloset_core.kloset.keys import _username
+from pgkloset_core.kloset.sealed import KIND_LOCK, seal_json, unseal_json
+from pgkloset_core.storage.base import Backend, StorageError
+
+LOCKS_PREFIX = "locks/"
+
+
+@dataclass(frozen=True)
+class LockTiming:
+    refresh_interval: float = 300.0
+    stale_after: float = 1800.0
+    poll_interval: float = 1.0
+
+    @classmethod
+    def from_env(cls) -> LockTiming:
+        """Operators (and tests) may shorten the timings through the environment."""
+        refresh = float(os.environ.get("PGKLOSET_LOCK_REFRESH_SECONDS", cls.refresh_interval))
+        stale = float(os.environ.get("PGKLOSET_LOCK_STALE_SECONDS", cls.stale_after))
+        return cls(refresh_interval=refresh, stale_after=max(stale, refresh * 2))
+
+
+@dataclass(frozen=True)
+class LockInfo:
+    name: str
+    exclusive: bool
+    hostname: str
+    pid: int
+    username: str
+    operation: str
+    created: float
+    refreshed: float
+
+    def is_stale(self, timing: LockTiming, now: float | None = None) -> bool:
+        now = time.time() if now is None else now
+        if now - self.refreshed > timing.stale_after:
+            return True
+        return self.hostname == socket.gethostname() and not _pid_alive(self.pid)
+
+    def describe(self) -> str:
+        kind = "exclusive" if self.exclusive else "shared"
+        since = datetime.fromtimestamp(self.created, UTC).isoformat(timespec="seconds")
+        return f"{kind} lock by {self.operation} (pid {self.pid} on {self.hostname}, since {since})"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie still answers kill(0); treat it as dead.
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().split(b") ", 1)[1][:1] != b"Z"
+    except (OSError, IndexError):
+        return True
+
+
+def read_locks(backend: Backend, master: MasterKey) -> list[LockInfo]:
+    infos = []
+    for obj in backend.list(LOCKS_PREFIX):
+        try:
+            doc = unseal_json(master, KIND_LOCK, backend.read(obj.name), obj.name)
+            infos.append(
+                LockInfo(obj.name, bool(doc["exclusive"]), str(doc["hostname"]), int(doc["pid"]),
+                         str(doc["username"]), str(doc["operation"]), float(doc["created"]),
+                         float(doc["refreshed"]))
+            )
+        except (StorageError, CorruptObject, KeyError, TypeError, ValueError):
+            continue  # vanished meanwhile or unreadable: not a lock we can honour
+    return infos
+
+
+class Lock:
+    """A held lock; refreshes itself in a background thread."""
+
+    def __init__(self, backend: Backend, master: MasterKey, exclusive: bool, operation: str,
+                 timing: LockTiming) -> None:
+        self.backend = backend
+        self.master = master
+        self.exclusive = exclusive
+        self.operation = operation
+        self.timing = timing
+        self.name = LOCKS_PREFIX + secrets.token_hex(32)
+        self.created = time.time()
+        self.last_refresh = 0.0
+        self.lost: str | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.on_lost: Callable[[str], None] | None = None
+
+    def _doc(self, now: float) -> dict[str, object]:
+        return {
+            "exclusive": self.exclusive,
+            "hostname": socket.gethostname(),
+            "pid": os.getpid(),
+            "username": _username(),
+            "operation": self.operation,
+            "created": self.created,
+            "refreshed": now,
+        }
+
+    def write(self) -> None:
+        now = time.time()
+        self.backend.write(self.name, seal_json(self.master, KIND_LOCK, self._doc(now)), overwrite=True)
+        self.last_refresh = now
+
+    def start_refreshing(self) -> None:
+        self._thread = threading.Thread(target=self._refresh_loop, name="pgkloset-lock", daemon=True)
+        self._thread.start()
+
+    def _refresh_loop(self) -> None:
+        while not self._stop.wait(self.timing.refresh_interval):
+            try:
+                self.write()
+            except Exception as exc:  # noqa: BLE001 - any failure means the lock is not held
+                self._mark_lost(f"cannot refresh lock {self.name}: {exc}")
+                return
+
+    def _mark_lost(self, reason: str) -> None:
+        self.lost = reason
+        if self.on_lost:
+            self.on_lost(reason)
+
+    def ensure_valid(self) -> None:
+        """Raise unless the lock is certainly still ours (called before any commit)."""
+        if self.lost:
+            raise LockError(f"lock lost, not committing: {self.lost}")
+        age = time.time() - self.last_refresh
+        if age > self.timing.stale_after - self.timing.refresh_interval:
+            raise LockError(f"lock not refreshed for {age:.0f}s, not committing")
+        if not self.backend.exists(self.name):
+            raise LockError(f"lock {self.name} was removed by another process, not committing")
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        try:
+            self.backend.delete(self.name)
+        except StorageError:
+            pass  # a stale lock is harmless: it expires or `unlock` removes it
+
+    def __enter__(self) -> Lock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def acquire(backend: Backend, master: MasterKey, *, exclusive: bool, operation: str,
+            wait: float = 0.0, timing: LockTiming | None = None) -> Lock:
+    """Take a lock, waiting up to ``wait`` seconds for conflicting ones to go."""
+    timing = timing or LockTiming.from_env()
+    deadline = time.monotonic() + wait
+    while True:
+        lock = Lock(backend, master, exclusive, operation, timing)
+        lock.write()
+        conflict = _first_conflict(backend, master, lock, timing)
+        if conflict is None:
+            lock.start_refreshing()
+            return lock
+        lock.release()
+        if time.monotonic() >= deadline:
+            hint = " (use --lock-wait to wait, or `pgkloset unlock` if it is stale)"
+            raise LockError(f"kloset is locked: {conflict.describe()}{hint}")
+        time.sleep(min(timing.poll_interval, max(0.05, deadline - time.monotonic())))
+
+
+def _first_conflict(backend: Backend, master: MasterKey, mine: Lock, timing: LockTiming) -> LockInfo | None:
+    for info in read_locks(backend, master):
+        if info.name == mine.name or info.is_stale(timing):
+            continue
+        if info.exclusive or mine.exclusive:
+            return info
+    return None
+
+
+def remove_stale(backend: Backend, master: MasterKey, *, force: bool = False,
+                 timing: LockTiming | None = None) -> list[LockInfo]:
+    """Delete stale locks (every lock with ``force``); returns what was removed."""
+    timing = timing or LockTiming.from_env()
+    removed = []
+    for info in read_locks(backend, master):
+        if force or info.is_stale(timing):
+            backend.delete(info.name)
+            removed.append(info)
+    return removed

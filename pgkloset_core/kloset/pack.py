@@ -1,0 +1,150 @@
+"""Packs: many encrypted blobs in one storage object, with a trailer index.
+
+Layout (see docs/FORMAT.md)::
+
+    "PGKP" | version u8 | 3 zero bytes | session salt (32)
+    blob* : nonce (12) | AES-256-GCM(codec u8 | payload) + tag (16)
+    trailer: nonce (12) | AES-256-GCM(trailer records) + tag (16)
+    trailer length u32 LE | "PGKE"
+
+Blob associated data is ``"pgkloset/blob" | type | blob id``, so a blob cannot
+be moved under another id or type. The trailer lets the index be rebuilt
+from packs alone.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+import zstandard
+
+from pgkloset_core.errors import CorruptObject
+from pgkloset_core.kloset.crypto import (
+    NONCE_LEN,
+    SALT_LEN,
+    TAG_LEN,
+    DecryptionFailed,
+    MasterKey,
+    aead_decrypt,
+    aead_encrypt,
+    content_hash,
+)
+from pgkloset_core.kloset.index import BLOB_TYPES, BlobEntry, PackRecord
+from pgkloset_core.kloset.sealed import CODEC_RAW, CODEC_ZSTD, decompress
+
+PACK_MAGIC = b"PGKP"
+PACK_VERSION = 1
+HEADER_LEN = 8 + SALT_LEN
+FOOTER = struct.Struct("<I4s")
+END_MAGIC = b"PGKE"
+TRAILER_MAGIC = b"PGKT"
+TRAILER_AAD = b"pgkloset/pack-trailer"
+_TRAILER_RECORD = struct.Struct("<32sBIII")
+BLOB_OVERHEAD = NONCE_LEN + TAG_LEN + 1
+
+
+def pack_name(pack_id: str) -> str:
+    return f"data/{pack_id[:2]}/{pack_id}"
+
+
+def blob_aad(blob_type: int, blob_id: bytes) -> bytes:
+    return b"pgkloset/blob" + bytes([blob_type]) + blob_id
+
+
+def seal_blob(key: bytes, nonce: bytes, blob_type: int, blob_id: bytes, data: bytes | memoryview,
+              compressor: zstandard.ZstdCompressor | None) -> bytes:
+    """Compress (only when it shrinks) and encrypt one blob."""
+    payload: bytes
+    if compressor is not None:
+        packed = compressor.compress(data)
+        payload = bytes([CODEC_ZSTD]) + packed if len(packed) < len(data) else bytes([CODEC_RAW]) + bytes(data)
+    else:
+        payload = bytes([CODEC_RAW]) + bytes(data)
+    return nonce + aead_encrypt(key, nonce, payload, blob_aad(blob_type, blob_id))
+
+
+def open_blob(master: MasterKey, salt: bytes, blob_type: int, blob_id: bytes, stored: bytes,
+              where: str) -> bytes:
+    """Decrypt, decompress and re-hash one blob; never return wrong bytes."""
+    if len(stored) < NONCE_LEN + TAG_LEN + 1:
+        raise CorruptObject(where, f"blob {blob_id.hex()[:16]} truncated")
+    try:
+        payload = aead_decrypt(master.pack_key(salt), stored[:NONCE_LEN], stored[NONCE_LEN:],
+                               blob_aad(blob_type, blob_id))
+    except DecryptionFailed:
+        raise CorruptObject(where, f"blob {blob_id.hex()[:16]} failed authentication") from None
+    data = decompress(payload, where)
+    if master.chunk_id(data) != blob_id:
+        raise CorruptObject(where, f"blob {blob_id.hex()[:16]} does not match its id")
+    return data
+
+
+class PackBuilder:
+    """Accumulates sealed blobs of one session into a pack buffer."""
+
+    def __init__(self, salt: bytes) -> None:
+        self.salt = salt
+        self.buf = bytearray(PACK_MAGIC + bytes([PACK_VERSION, 0, 0, 0]) + salt)
+        self.entries: list[BlobEntry] = []
+
+    def __len__(self) -> int:
+        return len(self.buf)
+
+    @property
+    def empty(self) -> bool:
+        return not self.entries
+
+    def add(self, blob_id: bytes, blob_type: int, sealed: bytes, raw_length: int) -> None:
+        self.entries.append(BlobEntry(blob_id, blob_type, len(self.buf), len(sealed), raw_length))
+        self.buf += sealed
+
+    def finish(self, key: bytes, nonce: bytes) -> tuple[bytes, PackRecord]:
+        """The pack's bytes and its index record (pack id = hash of the bytes)."""
+        plain = bytearray(TRAILER_MAGIC + struct.pack("<I", len(self.entries)))
+        for e in self.entries:
+            plain += _TRAILER_RECORD.pack(e.blob_id, e.blob_type, e.offset, e.length, e.raw_length)
+        trailer = nonce + aead_encrypt(key, nonce, bytes(plain), TRAILER_AAD + self.salt)
+        self.buf += trailer
+        self.buf += FOOTER.pack(len(trailer), END_MAGIC)
+        data = bytes(self.buf)
+        self.buf = bytearray()
+        return data, PackRecord(content_hash(data), self.salt, tuple(self.entries))
+
+
+@dataclass(frozen=True)
+class ParsedPack:
+    salt: bytes
+    entries: tuple[BlobEntry, ...]
+
+
+def read_trailer(master: MasterKey, data: bytes, name: str) -> ParsedPack:
+    """Parse a whole pack's header and trailer (used by check and index rebuild)."""
+    if len(data) < HEADER_LEN + FOOTER.size or data[:4] != PACK_MAGIC:
+        raise CorruptObject(name, "not a pack (bad magic or too short)")
+    if data[4] != PACK_VERSION:
+        raise CorruptObject(name, f"unsupported pack version {data[4]}")
+    salt = data[8:HEADER_LEN]
+    trailer_len, end = FOOTER.unpack_from(data, len(data) - FOOTER.size)
+    if end != END_MAGIC or trailer_len > len(data) - HEADER_LEN - FOOTER.size:
+        raise CorruptObject(name, "bad pack footer")
+    start = len(data) - FOOTER.size - trailer_len
+    trailer = data[start : start + trailer_len]
+    try:
+        plain = aead_decrypt(master.pack_key(salt), trailer[:NONCE_LEN], trailer[NONCE_LEN:],
+                             TRAILER_AAD + salt)
+    except DecryptionFailed:
+        raise CorruptObject(name, "pack trailer failed authentication") from None
+    if plain[:4] != TRAILER_MAGIC:
+        raise CorruptObject(name, "bad trailer")
+    (count,) = struct.unpack_from("<I", plain, 4)
+    if len(plain) != 8 + count * _TRAILER_RECORD.size:
+        raise CorruptObject(name, "trailer length mismatch")
+    entries = []
+    for i in range(count):
+        blob_id, btype, offset, length, raw = _TRAILER_RECORD.unpack_from(plain, 8 + i * _TRAILER_RECORD.size)
+        if btype not in BLOB_TYPES or offset < HEADER_LEN or offset + length > start:
+            raise CorruptObject(name, "trailer entry out of range")
+        entries.append(BlobEntry(blob_id, btype, offset, length, raw))
+    return ParsedPack(salt, tuple(entries))
+

@@ -1,0 +1,326 @@
+"""The kloset: opening, keys, index, snapshots and blob reads.
+
+This is the single entry point later layers use: ``Kloset.init`` or
+``Kloset.open`` on a backend, then ``writer()`` to make snapshots and
+``read_entry()`` to stream them back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from pgkloset_core.errors import (
+    AmbiguousSnapshot,
+    CorruptObject,
+    KlosetError,
+    NotAKloset,
+    SnapshotNotFound,
+    UnsupportedFormat,
+    UsageError,
+    WrongPassphrase,
+)
+from pgkloset_core.kloset import locks
+from pgkloset_core.kloset.crypto import MasterKey, content_hash
+from pgkloset_core.kloset.index import BlobIndex, PackRecord, decode_delta
+from pgkloset_core.kloset.keys import KEYS_PREFIX, KdfCost, KeyFile, make_key_file, parse_key_file
+from pgkloset_core.kloset.pack import open_blob, pack_name
+from pgkloset_core.kloset.sealed import KIND_INDEX, KIND_SNAPSHOT, seal_json, unseal, unseal_json
+from pgkloset_core.kloset.snapshot import SNAPSHOTS_PREFIX, Entry, Snapshot
+from pgkloset_core.storage.base import Backend, ObjectNotFound
+
+FORMAT_NAME = "pgkloset-kloset"
+FORMAT_VERSION = 1
+CONFIG_NAME = "config"
+INDEX_PREFIX = "index/"
+
+
+@dataclass(frozen=True)
+class KlosetConfig:
+    """Repository-wide parameters, fixed at init (changing them would break dedup)."""
+
+    id: str
+    created: str
+    min_chunk: int = 64 * 1024
+    avg_chunk: int = 256 * 1024
+    max_chunk: int = 1024 * 1024
+    normalized_chunking: int = 1
+    pack_size: int = 32 * 1024 * 1024
+    zstd_level: int = 3
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "id": self.id,
+            "created": self.created,
+            "chunker": {
+                "algorithm": "fastcdc2020",
+                "min_size": self.min_chunk,
+                "avg_size": self.avg_chunk,
+                "max_size": self.max_chunk,
+                "normalized_chunking": self.normalized_chunking,
+            },
+            "pack_size": self.pack_size,
+            "compression": {"algorithm": "zstd", "level": self.zstd_level},
+            "extra": self.extra,
+        }
+
+    def serialize(self, master: MasterKey) -> bytes:
+        body = self.body()
+        body["mac"] = master.mac(_canonical(body))
+        return json.dumps(body, indent=1, sort_keys=True).encode() + b"\n"
+
+    @classmethod
+    def parse(cls, data: bytes) -> tuple[KlosetConfig, dict[str, Any]]:
+        """Decode without authenticating (the caller verifies ``mac`` once keyed)."""
+        try:
+            doc = json.loads(data)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise NotAKloset("the repository's config is not a pgkloset config") from None
+        if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME:
+            raise NotAKloset("the repository's config is not a pgkloset config")
+        version = doc.get("version")
+        if not isinstance(version, int) or version > FORMAT_VERSION or version < 1:
+            raise UnsupportedFormat(
+                f"kloset format version {version} is not supported by this pgkloset "
+                f"(it reads version {FORMAT_VERSION}); upgrade pgkloset"
+            )
+        try:
+            ch = doc["chunker"]
+            cfg = cls(
+                id=str(doc["id"]),
+                created=str(doc["created"]),
+                min_chunk=int(ch["min_size"]),
+                avg_chunk=int(ch["avg_size"]),
+                max_chunk=int(ch["max_size"]),
+                normalized_chunking=int(ch["normalized_chunking"]),
+                pack_size=int(doc["pack_size"]),
+                zstd_level=int(doc["compression"]["level"]),
+                extra=dict(doc.get("extra", {})),
+            )
+        except (KeyError, TypeError, ValueError):
+            raise CorruptObject(CONFIG_NAME, "config is incomplete") from None
+        return cfg, doc
+
+
+def _canonical(doc: dict[str, Any]) -> bytes:
+    return json.dumps(doc, separators=(",", ":"), sort_keys=True).encode()
+
+
+class Kloset:
+    """An opened kloset: backend plus the unlocked master key."""
+
+    def __init__(self, backend: Backend, master: MasterKey, config: KlosetConfig, key_name: str) -> None:
+        self.backend = backend
+        self.master = master
+        self.config = config
+        self.key_name = key_name
+        self._index: BlobIndex | None = None
+
+    # -- creation and opening -------------------------------------------------
+
+    @classmethod
+    def init(cls, backend: Backend, passphrase: str, *, kdf: KdfCost | None = None,
+             config_overrides: dict[str, Any] | None = None) -> Kloset:
+        if not passphrase:
+            raise UsageError("an empty passphrase is not allowed")
+        if backend.exists(CONFIG_NAME):
+            raise KlosetError(f"a kloset already exists at {backend.url}")
+        if any(True for _ in backend.list("")):
+            raise KlosetError(f"{backend.url} is not empty; a kloset needs an empty location")
+        master = MasterKey.generate()
+        config = KlosetConfig(
+            id=secrets.token_hex(16),
+            created=datetime.now(UTC).isoformat(timespec="seconds"),
+            **(config_overrides or {}),
+        )
+        name, data = make_key_file(master, passphrase, config.id, kdf or KdfCost())
+        # The key goes first: a config without a key would be a kloset nobody can open.
+        backend.write(name, data)
+        backend.write(CONFIG_NAME, config.serialize(master))
+        return cls(backend, master, config, name)
+
+    @staticmethod
+    def read_config(backend: Backend) -> tuple[KlosetConfig, dict[str, Any]]:
+        try:
+            data = backend.read(CONFIG_NAME)
+        except ObjectNotFound:
+            raise NotAKloset(f"no kloset at {backend.url} (no config found; run `pgkloset init`)") from None
+        return KlosetConfig.parse(data)
+
+    @classmethod
+    def open(cls, backend: Backend, passphrase: str) -> Kloset:
+        config, doc = cls.read_config(backend)
+        key_files, damaged = cls._key_files(backend)
+        for key in key_files:
+            if key.kloset_id != config.id:
+                continue
+            master = key.unwrap(passphrase)
+            if master is None:
+                continue
+            body = {k: v for k, v in doc.items() if k != "mac"}
+            if master.mac(_canonical(body)) != doc.get("mac"):
+                raise CorruptObject(CONFIG_NAME, "config failed authentication (damaged or tampered)")
+            return cls(backend, master, config, key.name)
+        if damaged:
+            names = ", ".join(d.object_name for d in damaged)
+            raise WrongPassphrase(f"no key file opens with this passphrase; damaged key file(s): {names}")
+        if not key_files:
+            raise NotAKloset(f"no key files at {backend.url}: the kloset cannot be opened")
+        raise WrongPassphrase("wrong passphrase: no key file of this kloset opens with it")
+
+    @staticmethod
+    def _key_files(backend: Backend) -> tuple[list[KeyFile], list[CorruptObject]]:
+        keys, damaged = [], []
+        for obj in backend.list(KEYS_PREFIX):
+            try:
+                keys.append(parse_key_file(obj.name, backend.read(obj.name)))
+            except CorruptObject as exc:
+                damaged.append(exc)
+            except ObjectNotFound:
+                continue
+        return keys, damaged
+
+    # -- keys -----------------------------------------------------------------
+
+    def list_keys(self) -> tuple[list[KeyFile], list[CorruptObject]]:
+        return self._key_files(self.backend)
+
+    def add_key(self, passphrase: str, kdf: KdfCost | None = None) -> str:
+        if not passphrase:
+            raise UsageError("an empty passphrase is not allowed")
+        name, data = make_key_file(self.master, passphrase, self.config.id, kdf or KdfCost())
+        self.backend.write(name, data)
+        return name
+
+    def remove_key(self, key_ref: str) -> str:
+        keys, _ = self.list_keys()
+        matches = [k for k in keys if k.key_id.startswith(key_ref.removeprefix(KEYS_PREFIX))]
+        if not matches:
+            raise KlosetError(f"no key file matches {key_ref!r}")
+        if len(matches) > 1:
+            raise KlosetError(f"key id {key_ref!r} is ambiguous ({len(matches)} key files match)")
+        target = matches[0]
+        if target.name == self.key_name:
+            raise KlosetError("refusing to remove the key file in use; open with another passphrase")
+        if len(keys) <= 1:
+            raise KlosetError("refusing to remove the last key file")
+        self.backend.delete(target.name)
+        return target.name
+
+    # -- index ----------------------------------------------------------------
+
+    def index_names(self) -> list[str]:
+        return sorted(o.name for o in self.backend.list(INDEX_PREFIX))
+
+    def read_index_delta(self, name: str) -> tuple[list[PackRecord], list[str]]:
+        data = self.backend.read(name)
+        if content_hash(data) != name.removeprefix(INDEX_PREFIX):
+            raise CorruptObject(name, "content does not match its name")
+        return decode_delta(unseal(self.master, KIND_INDEX, data, name), name)
+
+    def load_index(self, *, refresh: bool = False) -> BlobIndex:
+        """All index deltas, merged (deltas superseded by a compaction are skipped)."""
+        if self._index is None or refresh:
+            deltas = {}
+            superseded: set[str] = set()
+            for name in self.index_names():
+                try:
+                    packs, sup = self.read_index_delta(name)
+                except ObjectNotFound:
+                    continue  # removed by a concurrent prune after listing
+                deltas[name] = packs
+                superseded.update(INDEX_PREFIX + s for s in sup)
+            self._index = BlobIndex.build(
+                p for name, packs in deltas.items() if name not in superseded for p in packs
+            )
+        return self._index
+
+    # -- snapshots ------------------------------------------------------------
+
+    def snapshot_ids(self) -> list[str]:
+        return [o.name.removeprefix(SNAPSHOTS_PREFIX) for o in self.backend.list(SNAPSHOTS_PREFIX)]
+
+    def load_snapshot(self, snapshot_id: str) -> Snapshot:
+        name = SNAPSHOTS_PREFIX + snapshot_id
+        try:
+            data = self.backend.read(name)
+        except ObjectNotFound:
+            raise SnapshotNotFound(f"snapshot {snapshot_id[:16]} not found") from None
+        if content_hash(data) != snapshot_id:
+            raise CorruptObject(name, "content does not match its name")
+        return Snapshot.from_json(snapshot_id, unseal_json(self.master, KIND_SNAPSHOT, data, name), name)
+
+    def snapshots(self) -> list[Snapshot]:
+        """Every snapshot, oldest first."""
+        found = []
+        for sid in self.snapshot_ids():
+            try:
+                found.append(self.load_snapshot(sid))
+            except SnapshotNotFound:
+                continue  # forgotten meanwhile
+        return sorted(found, key=lambda s: (s.time, s.id))
+
+    def resolve(self, ref: str) -> Snapshot:
+        """A snapshot by full id, unique prefix, or ``latest``."""
+        ref = ref.strip().lower()
+        if not ref:
+            raise UsageError("empty snapshot id")
+        if ref == "latest":
+            snaps = self.snapshots()
+            if not snaps:
+                raise SnapshotNotFound("the kloset has no snapshots yet")
+            return snaps[-1]
+        if any(c not in "0123456789abcdef" for c in ref):
+            raise SnapshotNotFound(f"no snapshot matches {ref!r} (ids are hexadecimal)")
+        matches = [sid for sid in self.snapshot_ids() if sid.startswith(ref)]
+        if not matches:
+            raise SnapshotNotFound(f"no snapshot matches {ref!r}")
+        if len(matches) > 1:
+            raise AmbiguousSnapshot(f"snapshot id prefix {ref!r} is ambiguous: it matches {len(matches)} snapshots")
+        return self.load_snapshot(matches[0])
+
+    def write_snapshot(self, snapshot: Snapshot) -> str:
+        data = seal_json(self.master, KIND_SNAPSHOT, snapshot.to_json())
+        snapshot_id = content_hash(data)
+        self.backend.write(SNAPSHOTS_PREFIX + snapshot_id, data)
+        snapshot.id = snapshot_id
+        return snapshot_id
+
+    def forget(self, snapshot_ids: list[str]) -> None:
+        for sid in snapshot_ids:
+            self.backend.delete(SNAPSHOTS_PREFIX + sid)
+
+    # -- reading data ---------------------------------------------------------
+
+    def read_blob(self, blob_id: bytes) -> bytes:
+        loc = self.load_index().lookup(blob_id)
+        if loc is None:
+            raise CorruptObject(f"blob {blob_id.hex()[:16]}", "not in the index (missing data)")
+        name = pack_name(loc.pack_id)
+        stored = self.backend.read_range(name, loc.offset, loc.length)
+        return open_blob(self.master, loc.salt, loc.blob_type, blob_id, stored, name)
+
+    def read_entry(self, snapshot: Snapshot, entry: Entry) -> Iterator[bytes]:
+        from pgkloset_core.kloset.reader import iter_entry
+
+        return iter_entry(self, snapshot, entry)
+
+    # -- writing --------------------------------------------------------------
+
+    def lock(self, *, exclusive: bool, operation: str, wait: float = 0.0) -> locks.Lock:
+        return locks.acquire(self.backend, self.master, exclusive=exclusive, operation=operation, wait=wait)
+
+    def writer(self, *, kind: str, tags: list[str] | None = None, meta: dict[str, Any] | None = None,
+               lock: locks.Lock | None = None, workers: int | None = None):  # noqa: ANN201
+        from pgkloset_core.kloset.writer import SnapshotWriter
+
+        return SnapshotWriter(self, kind=kind, tags=tags or [], meta=meta or {}, lock=lock,
+                              workers=workers or max(2, os.cpu_count() or 2))

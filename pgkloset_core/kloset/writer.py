@@ -1,0 +1,340 @@
+"""Writing snapshots: chunk, hash, dedup, compress, encrypt, pack, upload.
+
+The stages overlap: the chunker reads and cuts in the calling thread, a
+worker pool hashes, compresses and encrypts (BLAKE3, zstd and AES-GCM all
+release the GIL), and packs upload in a background thread. Queues are
+bounded, so memory stays flat whatever the size of the stream.
+
+Commit order: packs, then the index delta, then the snapshot manifest. Only
+the manifest makes a snapshot exist; a writer that dies earlier leaves
+unreferenced packs that prune removes.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import socket
+import stat
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from datetime import UTC, datetime
+from typing import Any, BinaryIO
+
+import zstandard
+from pyfastcdc import FastCDC
+
+from pgkloset_core.errors import KlosetError, UsageError
+from pgkloset_core.kloset.crypto import SALT_LEN, NonceCounter, content_hash
+from pgkloset_core.kloset.index import BLOB_DATA, BLOB_LIST, PackRecord, encode_delta
+from pgkloset_core.kloset.locks import Lock
+from pgkloset_core.kloset.pack import PackBuilder, pack_name, seal_blob
+from pgkloset_core.kloset.repository import INDEX_PREFIX, Kloset
+from pgkloset_core.kloset.sealed import KIND_INDEX, seal
+from pgkloset_core.kloset.snapshot import (
+    CHUNK_REF,
+    INLINE_MAX_CHUNKS,
+    LIST_BLOB_MAX_CHUNKS,
+    Entry,
+    Snapshot,
+)
+
+PACKS_PER_DELTA = 64
+Progress = Callable[[int], None]
+
+
+class _BlobSink:
+    """Packs sealed blobs and uploads full packs in the background."""
+
+    def __init__(self, kloset: Kloset) -> None:
+        self.kloset = kloset
+        self.salt = os.urandom(SALT_LEN)
+        self.key = kloset.master.pack_key(self.salt)
+        self.nonces = NonceCounter()
+        self.pack = PackBuilder(self.salt)
+        self.uploader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pgkloset-upload")
+        self.uploads: deque[Future[PackRecord]] = deque()
+        self.pending_records: list[PackRecord] = []
+        self.delta_names: list[str] = []
+        self.seen: set[bytes] = set()
+        self.stored_bytes = 0
+        self.new_blobs = 0
+        self._lock = threading.Lock()
+
+    def seal(self, blob_type: int, blob_id: bytes, data: bytes | memoryview,
+             compressor: zstandard.ZstdCompressor | None) -> bytes:
+        return seal_blob(self.key, self.nonces.next(), blob_type, blob_id, data, compressor)
+
+    def add(self, blob_id: bytes, blob_type: int, sealed: bytes, raw_length: int) -> None:
+        if blob_id in self.seen:
+            return
+        self.seen.add(blob_id)
+        self.new_blobs += 1
+        self.pack.add(blob_id, blob_type, sealed, raw_length)
+        if len(self.pack) >= self.kloset.config.pack_size:
+            self._ship()
+
+    def _ship(self) -> None:
+        if self.pack.empty:
+            return
+        data, record = self.pack.finish(self.key, self.nonces.next())
+        self.pack = PackBuilder(self.salt)
+        # At most one pack uploading and one being filled: bounded memory.
+        while self.uploads:
+            self._collect(self.uploads.popleft())
+        self.uploads.append(self.uploader.submit(self._upload, data, record))
+
+    def _upload(self, data: bytes, record: PackRecord) -> PackRecord:
+        self.kloset.backend.write(pack_name(record.pack_id), data)
+        with self._lock:
+            self.stored_bytes += len(data)
+        return record
+
+    def _collect(self, fut: Future[PackRecord]) -> None:
+        record = fut.result()
+        self.kloset.load_index().add_pack(record)
+        self.pending_records.append(record)
+        if len(self.pending_records) >= PACKS_PER_DELTA:
+            self.write_delta()
+
+    def flush(self) -> None:
+        self._ship()
+        while self.uploads:
+            self._collect(self.uploads.popleft())
+
+    def write_delta(self) -> None:
+        if not self.pending_records:
+            return
+        data = seal(self.kloset.master, KIND_INDEX, encode_delta(self.pending_records))
+        name = INDEX_PREFIX + content_hash(data)
+        self.kloset.backend.write(name, data)
+        self.stored_bytes += len(data)
+        self.delta_names.append(name)
+        self.pending_records = []
+
+    def close(self) -> None:
+        self.uploader.shutdown(wait=True, cancel_futures=True)
+
+
+class SnapshotWriter:
+    """Builds one snapshot from streams and files; ``commit()`` makes it exist."""
+
+    def __init__(self, kloset: Kloset, *, kind: str, tags: list[str], meta: dict[str, Any],
+                 lock: Lock | None, workers: int) -> None:
+        self.kloset = kloset
+        self.kind = kind
+        self.tags = list(tags)
+        self.meta = dict(meta)
+        self.lock = lock
+        self.entries: list[Entry] = []
+        self.started = time.monotonic()
+        self.start_time = datetime.now(UTC)
+        self.logical_bytes = 0
+        self.sink = _BlobSink(kloset)
+        self.workers = workers
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pgkloset-seal")
+        self._local = threading.local()
+        self.index = kloset.load_index()
+        cfg = kloset.config
+        self.chunker = FastCDC(cfg.avg_chunk, min_size=cfg.min_chunk, max_size=cfg.max_chunk,
+                               normalized_chunking=cfg.normalized_chunking, seed=kloset.master.chunker_seed)
+        self.closed = False
+        self.chunk_count = 0
+
+    # -- the pipeline ---------------------------------------------------------
+
+    def _compressor(self) -> zstandard.ZstdCompressor:
+        comp = getattr(self._local, "zstd", None)
+        if comp is None:
+            comp = self._local.zstd = zstandard.ZstdCompressor(level=self.kloset.config.zstd_level)
+        return comp
+
+    def _prepare(self, data: bytes) -> tuple[bytes, int, bytes | None]:
+        """Hash; seal only blobs the kloset does not hold yet (runs in a worker)."""
+        blob_id = self.kloset.master.chunk_id(data)
+        if blob_id in self.sink.seen or self.index.lookup(blob_id) is not None:
+            return blob_id, len(data), None
+        return blob_id, len(data), self.sink.seal(BLOB_DATA, blob_id, data, self._compressor())
+
+    def _consume(self, result: tuple[bytes, int, bytes | None], refs: _RefList) -> None:
+        blob_id, length, sealed = result
+        if sealed is not None and self.index.lookup(blob_id) is None:
+            self.sink.add(blob_id, BLOB_DATA, sealed, length)
+        refs.append(blob_id, length)
+
+    def add_stream(self, name: str, stream: BinaryIO, *, entry_type: str = "stream",
+                   progress: Progress | None = None, **attrs: Any) -> Entry:
+        """Chunk and store everything ``stream`` yields until EOF."""
+        self._check_open(name)
+        refs = _RefList(self)
+        window: deque[Future[tuple[bytes, int, bytes | None]]] = deque()
+        depth = self.workers * 4
+        size = 0
+        try:
+            for chunk in self.chunker.cut_stream(stream):
+                data = bytes(chunk.data)
+                size += len(data)
+                window.append(self.pool.submit(self._prepare, data))
+                if len(window) >= depth:
+                    self._consume(window.popleft().result(), refs)
+                if progress:
+                    progress(len(data))
+            while window:
+                self._consume(window.popleft().result(), refs)
+        except BaseException:
+            for fut in window:
+                fut.cancel()
+            raise
+        entry = Entry(name=name, type=entry_type, size=size, **attrs)
+        refs.finish(entry)
+        self.chunk_count += refs.total
+        self.logical_bytes += size
+        self.entries.append(entry)
+        return entry
+
+    def add_bytes(self, name: str, data: bytes, **attrs: Any) -> Entry:
+        import io
+
+        return self.add_stream(name, io.BytesIO(data), **attrs)
+
+    def add_file(self, name: str, path: str, *, progress: Progress | None = None) -> Entry:
+        """A regular file, directory or symlink with its mode, owner and mtime."""
+        st = os.lstat(path)
+        attrs: dict[str, Any] = {
+            "mode": stat.S_IMODE(st.st_mode),
+            "uid": st.st_uid,
+            "gid": st.st_gid,
+            "user": _user_name(st.st_uid),
+            "group": _group_name(st.st_gid),
+            "mtime": st.st_mtime,
+        }
+        if stat.S_ISDIR(st.st_mode):
+            return self.add_special(name, "dir", **attrs)
+        if stat.S_ISLNK(st.st_mode):
+            return self.add_special(name, "symlink", target=os.readlink(path), **attrs)
+        if not stat.S_ISREG(st.st_mode):
+            raise UsageError(f"{path}: only regular files, directories and symlinks can be stored")
+        with open(path, "rb") as f:
+            return self.add_stream(name, f, entry_type="file", progress=progress, **attrs)
+
+    def add_special(self, name: str, entry_type: str, **attrs: Any) -> Entry:
+        """An entry without content (directory, symlink)."""
+        self._check_open(name)
+        entry = Entry(name=name, type=entry_type, **attrs)
+        self.entries.append(entry)
+        return entry
+
+    def _check_open(self, name: str) -> None:
+        if self.closed:
+            raise KlosetError("snapshot writer already closed")
+        if not name:
+            raise UsageError("an entry needs a name")
+
+    # -- commit ---------------------------------------------------------------
+
+    def commit(self) -> Snapshot:
+        """Upload what is left, write the index delta, then the manifest."""
+        try:
+            self.sink.flush()
+            self.sink.write_delta()
+            if self.lock is not None:
+                self.lock.ensure_valid()
+            seconds = time.monotonic() - self.started
+            snapshot = Snapshot(
+                id="",
+                time=self.start_time,
+                hostname=socket.gethostname(),
+                username=_current_user(),
+                kind=self.kind,
+                tags=self.tags,
+                meta=self.meta,
+                entries=self.entries,
+                summary={
+                    "logical_bytes": self.logical_bytes,
+                    "new_blobs": self.sink.new_blobs,
+                    "chunks": self.chunk_count,
+                    "seconds": round(seconds, 3),
+                    "stored_bytes": self.sink.stored_bytes,
+                },
+                program="pgkloset",
+            )
+            self.kloset.write_snapshot(snapshot)
+            return snapshot
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.sink.close()
+
+    def __enter__(self) -> SnapshotWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class _RefList:
+    """An entry's chunk list: inline when short, else spilled into list blobs."""
+
+    def __init__(self, writer: SnapshotWriter) -> None:
+        self.writer = writer
+        self.buf = bytearray()
+        self.count = 0
+        self.total = 0
+        self.lists: list[str] = []
+
+    def append(self, blob_id: bytes, length: int) -> None:
+        self.buf += CHUNK_REF.pack(blob_id, length)
+        self.count += 1
+        self.total += 1
+        if self.count >= LIST_BLOB_MAX_CHUNKS:
+            self._spill()
+
+    def _spill(self) -> None:
+        data = bytes(self.buf)
+        w = self.writer
+        blob_id = w.kloset.master.chunk_id(data)
+        if blob_id not in w.sink.seen and w.index.lookup(blob_id) is None:
+            w.sink.add(blob_id, BLOB_LIST, w.sink.seal(BLOB_LIST, blob_id, data, w._compressor()), len(data))
+        self.lists.append(blob_id.hex())
+        self.buf = bytearray()
+        self.count = 0
+
+    def finish(self, entry: Entry) -> None:
+        if not self.lists and self.count <= INLINE_MAX_CHUNKS:
+            entry.inline = bytes(self.buf)
+            return
+        if self.count:
+            self._spill()
+        entry.lists = self.lists
+
+
+def _current_user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return str(os.getuid())
+
+
+def _user_name(uid: int) -> str | None:
+    import pwd
+
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return None
+
+
+def _group_name(gid: int) -> str | None:
+    import grp
+
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return None

@@ -1,0 +1,145 @@
+"""Local filesystem backend: one file per object, written atomically.
+
+Writes go to a temporary name in the same folder, are fsynced, then renamed
+(or hard-linked for create-only writes, which fails if the name exists). A
+killed writer leaves only ``.tmp-*`` files, which listings ignore.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+
+from pgkloset_core.storage.base import (
+    Backend,
+    NoSpace,
+    ObjectExists,
+    ObjectInfo,
+    ObjectNotFound,
+    StorageError,
+)
+
+TMP_MARK = ".tmp-"
+
+
+class FilesystemBackend(Backend):
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+        self.url = f"file://{self.root.resolve() if self.root.exists() else self.root}"
+
+    def _path(self, name: str) -> Path:
+        if name.startswith("/") or ".." in name.split("/"):
+            raise StorageError(f"invalid object name {name!r}")
+        return self.root / name
+
+    def read(self, name: str) -> bytes:
+        try:
+            return self._path(name).read_bytes()
+        except FileNotFoundError:
+            raise ObjectNotFound(f"{name} not found in {self.url}") from None
+        except OSError as exc:
+            raise StorageError(f"cannot read {name}: {exc.strerror}") from None
+
+    def read_range(self, name: str, offset: int, length: int) -> bytes:
+        try:
+            with open(self._path(name), "rb") as f:
+                f.seek(offset)
+                data = f.read(length)
+        except FileNotFoundError:
+            raise ObjectNotFound(f"{name} not found in {self.url}") from None
+        except OSError as exc:
+            raise StorageError(f"cannot read {name}: {exc.strerror}") from None
+        if len(data) != length:
+            raise StorageError(f"{name} is shorter than expected ({offset}+{length})")
+        return data
+
+    def write(self, name: str, data: bytes, *, overwrite: bool = False) -> None:
+        path = self._path(name)
+        tmp = path.with_name(f"{path.name}{TMP_MARK}{secrets.token_hex(6)}")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                view = memoryview(data)
+                while view:
+                    n = os.write(fd, view)
+                    view = view[n:]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            if overwrite:
+                os.replace(tmp, path)
+            else:
+                try:
+                    os.link(tmp, path)
+                except FileExistsError:
+                    raise ObjectExists(f"{name} already exists in {self.url}") from None
+                finally:
+                    os.unlink(tmp)
+            self._fsync_dir(path.parent)
+        except StorageError:
+            raise
+        except OSError as exc:
+            _unlink_quietly(tmp)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise NoSpace(f"no space left writing {name} to {self.url}") from None
+            raise StorageError(f"cannot write {name}: {exc.strerror}") from None
+
+    @staticmethod
+    def _fsync_dir(path: Path) -> None:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def delete(self, name: str) -> None:
+        try:
+            self._path(name).unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise StorageError(f"cannot delete {name}: {exc.strerror}") from None
+
+    def list(self, prefix: str) -> Iterator[ObjectInfo]:
+        folder, _, stem = prefix.rpartition("/")
+        base = self.root / folder if folder else self.root
+        if not base.is_dir():
+            return
+        for dirpath, _dirs, files in os.walk(base):
+            rel_dir = os.path.relpath(dirpath, self.root)
+            for fname in files:
+                if TMP_MARK in fname:
+                    continue
+                rel = fname if rel_dir == "." else f"{rel_dir}/{fname}"
+                if not rel.startswith(prefix):
+                    continue
+                try:
+                    size = os.stat(os.path.join(dirpath, fname)).st_size
+                except FileNotFoundError:
+                    continue
+                yield ObjectInfo(rel.replace(os.sep, "/"), size)
+        del stem
+
+    def stat(self, name: str) -> ObjectInfo:
+        try:
+            return ObjectInfo(name, self._path(name).stat().st_size)
+        except FileNotFoundError:
+            raise ObjectNotFound(f"{name} not found in {self.url}") from None
+
+    def leftover_temporaries(self) -> Iterator[Path]:
+        """Temporary files of killed writers (prune removes old ones)."""
+        for dirpath, _dirs, files in os.walk(self.root):
+            for fname in files:
+                if TMP_MARK in fname:
+                    yield Path(dirpath) / fname
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        path.unlink()
+    except OSError:
+        pass

@@ -1,0 +1,3 @@
+"""Shared pytest configuration; fixtures live in tests/fixtures/."""
+
+pytest_plugins = ["tests.fixtures.pg", "tests.fixtures.storage", "tests.fixtures.kloset"]
