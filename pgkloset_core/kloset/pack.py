@@ -81,35 +81,53 @@ def open_blob(master: MasterKey, salt: bytes, blob_type: int, blob_id: bytes, st
 
 
 class PackBuilder:
-    """Accumulates sealed blobs of one session into a pack buffer."""
+    """Collects sealed blobs of one session; joined into one object at upload.
+
+    Blobs are kept as a list of parts (no growing buffer to copy), and the
+    join and content hash happen in the upload thread, off the chunking path.
+    """
 
     def __init__(self, salt: bytes) -> None:
         self.salt = salt
-        self.buf = bytearray(PACK_MAGIC + bytes([PACK_VERSION, 0, 0, 0]) + salt)
+        self.parts: list[bytes] = [PACK_MAGIC + bytes([PACK_VERSION, 0, 0, 0]) + salt]
+        self.size = HEADER_LEN
         self.entries: list[BlobEntry] = []
 
     def __len__(self) -> int:
-        return len(self.buf)
+        return self.size
 
     @property
     def empty(self) -> bool:
         return not self.entries
 
     def add(self, blob_id: bytes, blob_type: int, sealed: bytes, raw_length: int) -> None:
-        self.entries.append(BlobEntry(blob_id, blob_type, len(self.buf), len(sealed), raw_length))
-        self.buf += sealed
+        self.entries.append(BlobEntry(blob_id, blob_type, self.size, len(sealed), raw_length))
+        self.parts.append(sealed)
+        self.size += len(sealed)
 
-    def finish(self, key: bytes, nonce: bytes) -> tuple[bytes, PackRecord]:
-        """The pack's bytes and its index record (pack id = hash of the bytes)."""
+    def finish(self, key: bytes, nonce: bytes) -> FinishedPack:
+        """Append the encrypted trailer and footer."""
         plain = bytearray(TRAILER_MAGIC + struct.pack("<I", len(self.entries)))
         for e in self.entries:
             plain += _TRAILER_RECORD.pack(e.blob_id, e.blob_type, e.offset, e.length, e.raw_length)
         trailer = nonce + aead_encrypt(key, nonce, bytes(plain), TRAILER_AAD + self.salt)
-        self.buf += trailer
-        self.buf += FOOTER.pack(len(trailer), END_MAGIC)
-        data = bytes(self.buf)
-        self.buf = bytearray()
-        return data, PackRecord(content_hash(data), self.salt, tuple(self.entries))
+        self.parts.append(trailer + FOOTER.pack(len(trailer), END_MAGIC))
+        finished = FinishedPack(self.parts, self.salt, tuple(self.entries))
+        self.parts = []
+        return finished
+
+
+@dataclass
+class FinishedPack:
+    parts: list[bytes]
+    salt: bytes
+    entries: tuple[BlobEntry, ...]
+
+    def materialize(self) -> tuple[bytes, PackRecord]:
+        """The pack's bytes and its index record (pack id = hash of the bytes)."""
+        data = b"".join(self.parts)
+        self.parts = []
+        return data, PackRecord(content_hash(data), self.salt, self.entries)
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ from pgkloset_core.errors import KlosetError, UsageError
 from pgkloset_core.kloset.crypto import SALT_LEN, NonceCounter, content_hash
 from pgkloset_core.kloset.index import BLOB_DATA, BLOB_LIST, PackRecord, encode_delta
 from pgkloset_core.kloset.locks import Lock
-from pgkloset_core.kloset.pack import PackBuilder, pack_name, seal_blob
+from pgkloset_core.kloset.pack import FinishedPack, PackBuilder, pack_name, seal_blob
 from pgkloset_core.kloset.repository import INDEX_PREFIX, Kloset
 from pgkloset_core.kloset.sealed import KIND_INDEX, seal
 from pgkloset_core.kloset.snapshot import (
@@ -80,14 +80,15 @@ class _BlobSink:
     def _ship(self) -> None:
         if self.pack.empty:
             return
-        data, record = self.pack.finish(self.key, self.nonces.next())
+        finished = self.pack.finish(self.key, self.nonces.next())
         self.pack = PackBuilder(self.salt)
         # At most one pack uploading and one being filled: bounded memory.
         while self.uploads:
             self._collect(self.uploads.popleft())
-        self.uploads.append(self.uploader.submit(self._upload, data, record))
+        self.uploads.append(self.uploader.submit(self._upload, finished))
 
-    def _upload(self, data: bytes, record: PackRecord) -> PackRecord:
+    def _upload(self, finished: FinishedPack) -> PackRecord:
+        data, record = finished.materialize()
         self.kloset.backend.write(pack_name(record.pack_id), data)
         with self._lock:
             self.stored_bytes += len(data)
