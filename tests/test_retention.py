@@ -31,7 +31,9 @@ from pgkloset_core.kloset.retention import (
 G = ("srv", "db", "logical")
 
 
-def snap(sid: str, time: datetime, tags: tuple[str, ...] = (), group: tuple[str, ...] = G) -> SnapshotRef:
+def snap(
+    sid: str, time: datetime, tags: tuple[str, ...] = (), group: tuple[str, ...] = G
+) -> SnapshotRef:
     """Shorthand for a snapshot in the default test group."""
     return SnapshotRef(id=sid, time=time, tags=frozenset(tags), group=group)
 
@@ -73,7 +75,11 @@ def test_keep_daily_keeps_newest_of_each_of_the_newest_days() -> None:
 
 def test_buckets_without_snapshots_do_not_count() -> None:
     # Days 1, 5 and 9: keep_daily=2 keeps days 9 and 5, not "the last 2 calendar days".
-    snaps = [snap("a", at(2026, 3, 1, 12)), snap("b", at(2026, 3, 5, 12)), snap("c", at(2026, 3, 9, 12))]
+    snaps = [
+        snap("a", at(2026, 3, 1, 12)),
+        snap("b", at(2026, 3, 5, 12)),
+        snap("c", at(2026, 3, 9, 12)),
+    ]
     assert set(kept(only(apply_policy(snaps, RetentionPolicy(keep_daily=2))))) == {"c", "b"}
 
 
@@ -221,7 +227,9 @@ def test_group_key_and_group_by_parsing() -> None:
 
 
 def test_as_dict_is_json_ready() -> None:
-    (d,) = apply_policy([snap("a", at(2026, 1, 1)), snap("b", at(2025, 1, 1))], RetentionPolicy(keep_last=1))
+    (d,) = apply_policy(
+        [snap("a", at(2026, 1, 1)), snap("b", at(2025, 1, 1))], RetentionPolicy(keep_last=1)
+    )
     assert d.as_dict() == {
         "group": list(G),
         "keep": [{"id": "a", "time": "2026-01-01T00:00:00+00:00", "reasons": ["last"]}],
@@ -235,7 +243,9 @@ def test_empty_input_gives_no_groups() -> None:
 
 def test_duplicate_ids_are_a_bug() -> None:
     with pytest.raises(ValueError, match="twice"):
-        apply_policy([snap("a", at(2026, 1, 1)), snap("a", at(2026, 1, 2))], RetentionPolicy(keep_last=1))
+        apply_policy(
+            [snap("a", at(2026, 1, 1)), snap("a", at(2026, 1, 2))], RetentionPolicy(keep_last=1)
+        )
 
 
 # ---------------------------------------------------------------- empty policy
@@ -275,7 +285,22 @@ def test_parse_duration(text: str, expected: timedelta) -> None:
 
 @pytest.mark.parametrize(
     "text",
-    ["", "d", "7", "7x", "7 d", "1d2d", "-1d", "1.5d", "7D", "5min", "0d", "0h0d", "99999999999y", "P7D"],
+    [
+        "",
+        "d",
+        "7",
+        "7x",
+        "7 d",
+        "1d2d",
+        "-1d",
+        "1.5d",
+        "7D",
+        "5min",
+        "0d",
+        "0h0d",
+        "99999999999y",
+        "P7D",
+    ],
 )
 def test_parse_duration_errors(text: str) -> None:
     with pytest.raises(UsageError, match="duration"):
@@ -299,7 +324,13 @@ def test_format_duration() -> None:
 
 def test_from_mapping() -> None:
     p = RetentionPolicy.from_mapping(
-        {"keep_last": 3, "keep-daily": "7", "keep_weekly": "unlimited", "keep_within": "30d", "keep_tags": "release"}
+        {
+            "keep_last": 3,
+            "keep-daily": "7",
+            "keep_weekly": "unlimited",
+            "keep_within": "30d",
+            "keep_tags": "release",
+        }
     )
     assert p == RetentionPolicy(
         keep_last=3,
@@ -310,7 +341,9 @@ def test_from_mapping() -> None:
     )
     assert p.describe() == "last 3, daily 7, weekly unlimited, within 30d, tag:release"
     assert RetentionPolicy.from_mapping({"keep_tags": ["a", "b", "a"]}).keep_tags == ("a", "b")
-    assert RetentionPolicy.from_mapping({"keep_within": timedelta(hours=2)}).keep_within == timedelta(hours=2)
+    assert RetentionPolicy.from_mapping(
+        {"keep_within": timedelta(hours=2)}
+    ).keep_within == timedelta(hours=2)
     assert RetentionPolicy.from_mapping({}).is_empty()
 
 
@@ -353,17 +386,35 @@ def test_constructor_validates() -> None:
 # Independent bucket definitions: (policy field, reason prefix, sortable bucket key, label).
 BucketFn = Callable[[datetime], Hashable]
 REF_BUCKETS: list[tuple[str, str, BucketFn, Callable[[datetime], str]]] = [
-    ("keep_hourly", "hourly", lambda t: (t.year, t.month, t.day, t.hour),
-     lambda t: f"{t.year:04d}-{t.month:02d}-{t.day:02d} {t.hour:02d}:00"),
+    (
+        "keep_hourly",
+        "hourly",
+        lambda t: (t.year, t.month, t.day, t.hour),
+        lambda t: f"{t.year:04d}-{t.month:02d}-{t.day:02d} {t.hour:02d}:00",
+    ),
     ("keep_daily", "daily", lambda t: t.date(), lambda t: t.date().isoformat()),
-    ("keep_weekly", "weekly", lambda t: tuple(t.isocalendar())[:2],
-     lambda t: f"{t.isocalendar()[0]:04d}-W{t.isocalendar()[1]:02d}"),
-    ("keep_monthly", "monthly", lambda t: (t.year, t.month), lambda t: f"{t.year:04d}-{t.month:02d}"),
+    (
+        "keep_weekly",
+        "weekly",
+        lambda t: tuple(t.isocalendar())[:2],
+        lambda t: f"{t.isocalendar()[0]:04d}-W{t.isocalendar()[1]:02d}",
+    ),
+    (
+        "keep_monthly",
+        "monthly",
+        lambda t: (t.year, t.month),
+        lambda t: f"{t.year:04d}-{t.month:02d}",
+    ),
     ("keep_yearly", "yearly", lambda t: t.year, lambda t: f"{t.year:04d}"),
 ]
 TAGS = ("release", "nightly", "pre-upgrade")
 GROUPS = [("prod", "app", "logical"), ("prod", "app", "physical"), ("stage", "billing", "logical")]
-ZONES = [UTC, timezone(timedelta(hours=5, minutes=30)), timezone(timedelta(hours=-8)), timezone(timedelta(hours=14))]
+ZONES = [
+    UTC,
+    timezone(timedelta(hours=5, minutes=30)),
+    timezone(timedelta(hours=-8)),
+    timezone(timedelta(hours=14)),
+]
 
 
 def utc(t: datetime) -> datetime:
@@ -384,7 +435,7 @@ def reference(snaps: list[SnapshotRef], policy: RetentionPolicy) -> dict[str, se
     for members in groups.values():
         asc = sorted(members, key=lambda s: (utc(s.time), s.id))
         count = len(asc) if policy.keep_last == UNLIMITED else policy.keep_last
-        for s in asc[len(asc) - count:] if count else []:
+        for s in asc[max(0, len(asc) - count) :] if count else []:
             out[s.id].add("last")
         for name, prefix, key, label in REF_BUCKETS:
             wanted = getattr(policy, name)
@@ -411,7 +462,9 @@ def reference(snaps: list[SnapshotRef], policy: RetentionPolicy) -> dict[str, se
     return out
 
 
-def reason_is_valid(s: SnapshotRef, reason: str, group: list[SnapshotRef], policy: RetentionPolicy) -> bool:
+def reason_is_valid(
+    s: SnapshotRef, reason: str, group: list[SnapshotRef], policy: RetentionPolicy
+) -> bool:
     """Re-check one reason string from first principles."""
     order = sorted(group, key=lambda x: (x.time, x.id), reverse=True)
     rank = order.index(s)
@@ -461,9 +514,15 @@ def timelines(draw: st.DrawFn) -> list[SnapshotRef]:
     """Random snapshots over a few years, with clusters and exact-time ties."""
     n_groups = draw(st.integers(1, 3))
     base = draw(st.datetimes(datetime(2022, 1, 1), datetime(2026, 12, 1)))
-    wide = st.datetimes(datetime(2022, 1, 1), datetime(2026, 12, 31), timezones=st.sampled_from(ZONES))
-    near = st.integers(0, 60 * 24 * 21).map(lambda m: (base + timedelta(minutes=m)).replace(tzinfo=UTC))
-    tied = st.sampled_from([base.replace(tzinfo=UTC), (base + timedelta(days=3)).replace(tzinfo=UTC)])
+    wide = st.datetimes(
+        datetime(2022, 1, 1), datetime(2026, 12, 31), timezones=st.sampled_from(ZONES)
+    )
+    near = st.integers(0, 60 * 24 * 21).map(
+        lambda m: (base + timedelta(minutes=m)).replace(tzinfo=UTC)
+    )
+    tied = st.sampled_from(
+        [base.replace(tzinfo=UTC), (base + timedelta(days=3)).replace(tzinfo=UTC)]
+    )
     times = st.one_of(wide, near, tied)
     items = draw(
         st.lists(
@@ -523,7 +582,9 @@ def test_newest_of_each_group_is_kept(snaps: list[SnapshotRef], policy: Retentio
 
 @PROPS
 @given(timelines(), policies)
-def test_keep_and_remove_partition_the_input(snaps: list[SnapshotRef], policy: RetentionPolicy) -> None:
+def test_keep_and_remove_partition_the_input(
+    snaps: list[SnapshotRef], policy: RetentionPolicy
+) -> None:
     decisions = apply_policy(snaps, policy)
     out = [s for d in decisions for s, _ in d.keep] + [s for d in decisions for s in d.remove]
     assert sorted(out, key=lambda s: s.id) == sorted(snaps, key=lambda s: s.id)
@@ -536,12 +597,20 @@ def test_keep_and_remove_partition_the_input(snaps: list[SnapshotRef], policy: R
 
 @PROPS
 @given(timelines(), policies)
-def test_result_does_not_depend_on_input_order(snaps: list[SnapshotRef], policy: RetentionPolicy) -> None:
+def test_result_does_not_depend_on_input_order(
+    snaps: list[SnapshotRef], policy: RetentionPolicy
+) -> None:
     assume(len(snaps) > 1)
     assert apply_policy(snaps, policy) == apply_policy(list(reversed(snaps)), policy)
 
 
-@given(st.integers(0, 50), st.integers(0, 50), st.integers(0, 50), st.integers(0, 50), st.integers(0, 50))
+@given(
+    st.integers(0, 50),
+    st.integers(0, 50),
+    st.integers(0, 50),
+    st.integers(0, 50),
+    st.integers(0, 50),
+)
 def test_parse_duration_roundtrip(y: int, m: int, w: int, d: int, h: int) -> None:
     parts = [(y, "y"), (m, "m"), (w, "w"), (d, "d"), (h, "h")]
     total = timedelta(days=365 * y + 30 * m + 7 * w + d, hours=h)

@@ -67,7 +67,9 @@ _UNITS: dict[str, timedelta] = {
 }
 _DURATION_RE = re.compile(r"(?:\d+[ywmdh])+")
 _PART_RE = re.compile(r"(\d+)([ywmdh])")
-_DURATION_HELP = "use number+unit parts with units y (365d), m (months, 30d), w, d, h, e.g. 30d or 1y6m"
+_DURATION_HELP = (
+    "use number+unit parts with units y (365d), m (months, 30d), w, d, h, e.g. 30d or 1y6m"
+)
 
 
 def parse_duration(text: str) -> timedelta:
@@ -107,7 +109,14 @@ def format_duration(delta: timedelta) -> str:
     return text or "0h"
 
 
-_COUNT_FIELDS = ("keep_last", "keep_hourly", "keep_daily", "keep_weekly", "keep_monthly", "keep_yearly")
+_COUNT_FIELDS = (
+    "keep_last",
+    "keep_hourly",
+    "keep_daily",
+    "keep_weekly",
+    "keep_monthly",
+    "keep_yearly",
+)
 
 
 @dataclass(frozen=True)
@@ -276,9 +285,7 @@ _BUCKETS: tuple[tuple[str, str, Callable[[datetime], str]], ...] = (
 )
 
 
-def apply_policy(
-    snapshots: Iterable[SnapshotRef], policy: RetentionPolicy
-) -> list[GroupDecision]:
+def apply_policy(snapshots: Iterable[SnapshotRef], policy: RetentionPolicy) -> list[GroupDecision]:
     """Decide, per group, which snapshots to keep (with reasons) and which to remove.
 
     Groups come back sorted by key; within a group, keep and remove are newest
