@@ -73,7 +73,8 @@ class PgBinaries:
 
 
 def _is_executable(path: Path) -> bool:
-    return path.is_file() and os.access(path, os.X_OK)
+    # os.path.isfile, unlike Path.is_file, treats EACCES (e.g. /root/... on PATH) as "no".
+    return os.path.isfile(path) and os.access(path, os.X_OK)
 
 
 def tool_version(exe: Path) -> tuple[str, int]:
@@ -106,7 +107,7 @@ def pgserver_bin_dir() -> Path | None:
         return None
     for location in spec.submodule_search_locations:
         bin_dir = Path(location) / "pginstall" / "bin"
-        if bin_dir.is_dir():
+        if os.path.isdir(bin_dir):
             return bin_dir
     return None
 
@@ -126,7 +127,7 @@ def _candidate_dirs(bin_dir: str | os.PathLike[str] | None, tool: str) -> list[t
         if real.name == "pg_wrapper":  # Debian's dispatcher: the real dirs come next
             continue
         found.append((real.parent, "PATH"))
-    if DEBIAN_ROOT.is_dir():
+    if os.path.isdir(DEBIAN_ROOT):
         majors = sorted(
             (p for p in DEBIAN_ROOT.iterdir() if p.name.isdigit()), key=lambda p: int(p.name)
         )
