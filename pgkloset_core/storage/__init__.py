@@ -39,11 +39,13 @@ def open_backend(url: str) -> Backend:
             raise UsageError(f"file:// URLs name a local path, not host {parsed.netloc!r}")
         return FilesystemBackend(path)
     if scheme == "s3":
+        from pgkloset_core.storage.retry import RetryingBackend
         from pgkloset_core.storage.s3 import S3Backend
 
-        return S3Backend.from_url(url)
+        return RetryingBackend(S3Backend.from_url(url))
     if scheme == "sftp":
+        from pgkloset_core.storage.retry import RetryingBackend
         from pgkloset_core.storage.sftp import SFTPBackend
 
-        return SFTPBackend.from_url(url)
+        return RetryingBackend(SFTPBackend.from_url(url))
     raise UsageError(f"unsupported repository URL scheme {scheme!r} (use a path, file://, s3:// or sftp://)")
