@@ -1,0 +1,260 @@
+"""Logical backups: pg_dump per database, pg_dumpall --globals-only per cluster.
+
+Custom format (the default) streams pg_dump's stdout straight into the
+kloset: no temporary file, memory stays flat. Dump compression is off
+(``-Z0``): the kloset compresses after dedup, and compressed dumps do not
+deduplicate. Directory format with ``jobs > 1`` is the parallel option;
+pg_dump writes the whole (uncompressed) dump to a temporary directory first
+(``TMPDIR``), which needs as much free disk as the dump is large.
+
+Each database is dumped inside an exported MVCC snapshot (see facts.py), so
+the row counts stored in the snapshot's metadata are exact for the dump.
+A failing or cancelled pg_dump commits nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import tempfile
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from pgkloset_core.errors import KlosetError, UsageError
+from pgkloset_core.kloset.repository import Kloset
+from pgkloset_core.postgres.binaries import NoSuitableBinaries, PgBinaries, find_binaries
+from pgkloset_core.postgres.facts import SnapshotSession, server_facts
+from pgkloset_core.postgres.pgenv import (
+    BackupCancelled,
+    ConnTarget,
+    Log,
+    ToolFailed,
+    ToolProcess,
+    tool_env,
+)
+
+__all__ = ["BackupCancelled", "LogicalBackupResult", "backup_logical", "DatabaseNotFound"]
+
+FORMATS = ("custom", "directory")
+GLOBALS_ENTRY = "globals.sql"
+Progress = Callable[[int], None]
+
+
+class DatabaseNotFound(KlosetError):
+    """A database named for backup does not exist (or does not accept connections)."""
+
+
+@dataclass
+class LogicalBackupResult:
+    """What one snapshot of a run holds; the Dagster layer turns it into metadata."""
+
+    snapshot_id: str
+    kind: str  # "logical" or "globals"
+    database: str | None
+    logical_bytes: int
+    stored_bytes: int
+    seconds: float
+    server_version: str
+    table_count: int = 0
+    total_rows: int = 0
+    row_counts: dict[str, int] = field(default_factory=dict)
+
+
+def dump_entry_name(database: str) -> str:
+    return f"{database}.dump"
+
+
+def pick_client(server_major: int, server_version: str, bin_dir: str | None,
+                tool: str = "pg_dump") -> PgBinaries:
+    """Client tools of major >= the server's; a configured bin dir must fit itself."""
+    try:
+        chosen = find_binaries(min_major=server_major, bin_dir=bin_dir, tool=tool)
+    except NoSuitableBinaries as exc:
+        raise NoSuitableBinaries(f"the server runs PostgreSQL {server_version}: {exc}") from None
+    if bin_dir is not None and chosen.source != "configured":
+        try:
+            mine = PgBinaries.from_dir(bin_dir, tool=tool)
+            have = f"{tool} {mine.version}"
+        except NoSuitableBinaries:
+            have = f"no {tool}"
+        raise NoSuitableBinaries(
+            f"{bin_dir} has {have}, but the server runs PostgreSQL {server_version} and needs "
+            f"{tool} {server_major} or newer ({chosen.version} is in {chosen.bin_dir})")
+    return chosen
+
+
+def _run_tag() -> str:
+    return f"run:{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}-{secrets.token_hex(3)}"
+
+
+def _list_databases(conn: psycopg.Connection[Any]) -> dict[str, bool]:
+    rows = conn.execute("SELECT datname, datallowconn AND NOT datistemplate FROM pg_database")
+    return {str(name): bool(ok) for name, ok in rows.fetchall()}
+
+
+def _choose_databases(all_dbs: dict[str, bool], wanted: Sequence[str] | None,
+                      exclude: Iterable[str], server: str) -> list[str]:
+    skip = set(exclude)
+    if wanted is None:
+        return sorted(d for d, ok in all_dbs.items() if ok and d not in skip)
+    missing = [d for d in wanted if d not in all_dbs]
+    if missing:
+        raise DatabaseNotFound(f"database {', '.join(missing)} does not exist on {server}")
+    closed = [d for d in wanted if not all_dbs[d] and d not in skip]
+    if closed:
+        raise DatabaseNotFound(f"database {', '.join(closed)} on {server} is a template or "
+                               "does not allow connections")
+    return [d for d in dict.fromkeys(wanted) if d not in skip]
+
+
+def _can_read_authid(conn: psycopg.Connection[Any]) -> bool:
+    row = conn.execute("SELECT has_table_privilege('pg_catalog.pg_authid', 'SELECT')").fetchone()
+    return bool(row and row[0])
+
+
+def backup_logical(kloset: Kloset, dsn: str, databases: list[str] | None, *,
+                   exclude: Iterable[str] = (), fmt: str = "custom", jobs: int = 1,
+                   tags: Iterable[str] = (), server: str | None = None,
+                   bin_dir: str | None = None, lock_wait: float = 0.0,
+                   log: Log | None = None, cancel: threading.Event | None = None,
+                   progress: Progress | None = None) -> list[LogicalBackupResult]:
+    """Back up the cluster's globals and each database as its own snapshot.
+
+    `databases=None` means every database that allows connections, templates
+    excepted. All snapshots of one call share a ``run:...`` tag and meta
+    ``run_id``. Raises a KlosetError (BackupCancelled when `cancel` is set).
+    """
+    if fmt not in FORMATS:
+        raise UsageError(f"unknown dump format {fmt!r} (choose custom or directory)")
+    if jobs < 1:
+        raise UsageError("--jobs must be at least 1")
+    if jobs > 1 and fmt != "directory":
+        raise UsageError("--jobs needs --format directory (pg_dump dumps in parallel only there)")
+    target = ConnTarget.parse(dsn)
+    server_name = server or target.label()
+    maintenance = target if target.dbname else target.with_db("postgres")
+    with maintenance.connect(application_name="pgkloset") as conn:
+        sfacts = server_facts(conn)
+        chosen = _choose_databases(_list_databases(conn), databases, exclude, server_name)
+        authid = _can_read_authid(conn)
+    client = pick_client(sfacts["pg_major"], sfacts["pg_version"], bin_dir)
+    run_tag = _run_tag()
+    run_id = run_tag.removeprefix("run:")
+    base_meta: dict[str, Any] = {
+        "server": server_name, "run_id": run_id, "pg_version": sfacts["pg_version"],
+        "pg_version_num": sfacts["pg_version_num"],
+        "system_identifier": sfacts["system_identifier"],
+        "pg_dump_version": client.version,
+    }
+    all_tags = [*dict.fromkeys([*tags, run_tag])]
+    results: list[LogicalBackupResult] = []
+    with kloset.lock(exclusive=False, operation="backup", wait=lock_wait) as lock:
+        results.append(_backup_globals(kloset, lock, maintenance, client, base_meta, all_tags,
+                                       authid, log, cancel, progress))
+        for db in chosen:
+            if cancel is not None and cancel.is_set():
+                raise BackupCancelled("backup cancelled before database "
+                                      f"{db!r}; its snapshot was not made")
+            results.append(_backup_database(kloset, lock, target.with_db(db), db, client,
+                                            base_meta, all_tags, fmt, jobs, log, cancel,
+                                            progress))
+    return results
+
+
+def _backup_globals(kloset: Kloset, lock: Any, target: ConnTarget, client: PgBinaries,
+                    base_meta: dict[str, Any], tags: list[str], authid: bool, log: Log | None,
+                    cancel: threading.Event | None,
+                    progress: Progress | None) -> LogicalBackupResult:
+    argv: list[Any] = [client.path("pg_dumpall"), "--globals-only", "-d", target.conninfo()]
+    if not authid:
+        argv.append("--no-role-passwords")
+        warn = ("warning: pg_authid is not readable by this user: globals are dumped "
+                "without role passwords (--no-role-passwords)")
+        if log is not None:
+            log(warn)
+        else:
+            import sys
+
+            print(f"pgkloset: {warn}", file=sys.stderr)
+    meta = {**base_meta, "format": "sql", "database": None, "entry": GLOBALS_ENTRY,
+            "no_role_passwords": not authid}
+    with tool_env(target) as env, \
+            kloset.writer(kind="globals", tags=tags, meta=meta, lock=lock) as writer, \
+            ToolProcess(argv, env, what="pg_dumpall", stdout=-1, log=log, cancel=cancel) as tool:
+        writer.add_stream(GLOBALS_ENTRY, tool.stdout, progress=progress)
+        tool.check()
+        snap = writer.commit()
+    return LogicalBackupResult(
+        snapshot_id=snap.id, kind="globals", database=None,
+        logical_bytes=int(snap.summary["logical_bytes"]),
+        stored_bytes=int(snap.summary["stored_bytes"]), seconds=float(snap.summary["seconds"]),
+        server_version=str(base_meta["pg_version"]))
+
+
+def _backup_database(kloset: Kloset, lock: Any, target: ConnTarget, db: str,
+                     client: PgBinaries, base_meta: dict[str, Any], tags: list[str], fmt: str,
+                     jobs: int, log: Log | None, cancel: threading.Event | None,
+                     progress: Progress | None) -> LogicalBackupResult:
+    meta: dict[str, Any] = {**base_meta, "database": db, "format": fmt,
+                            "entry": dump_entry_name(db) if fmt == "custom" else "dump/"}
+    with SnapshotSession(target) as session, tool_env(target) as env, \
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="pgkloset-facts") as pool, \
+            kloset.writer(kind="logical", tags=tags, meta=meta, lock=lock) as writer:
+        # Counting runs next to the dump, in the same snapshot: the dump does not wait for it.
+        facts: Future[dict[str, Any]] = pool.submit(session.facts)
+        try:
+            common: list[Any] = ["-Z0", f"--snapshot={session.snapshot_id}", "-d",
+                                 target.conninfo()]
+            if fmt == "custom":
+                argv = [client.path("pg_dump"), "-Fc", *common]
+                with ToolProcess(argv, env, what="pg_dump", stdout=-1, log=log,
+                                 cancel=cancel) as tool:
+                    writer.add_stream(dump_entry_name(db), tool.stdout, progress=progress)
+                    tool.check()
+            else:
+                _dump_directory(writer, client, common, env, jobs, log, cancel, progress)
+            found = facts.result()
+        except BaseException:
+            session.cancel()
+            raise
+        writer.meta.update(found)
+        snap = writer.commit()
+    return LogicalBackupResult(
+        snapshot_id=snap.id, kind="logical", database=db,
+        logical_bytes=int(snap.summary["logical_bytes"]),
+        stored_bytes=int(snap.summary["stored_bytes"]), seconds=float(snap.summary["seconds"]),
+        server_version=str(base_meta["pg_version"]),
+        table_count=len(found["tables"]) + len(found["partitioned_tables"]),
+        total_rows=int(found["total_rows"]), row_counts=dict(found["tables"]))
+
+
+def _dump_directory(writer: Any, client: PgBinaries, common: list[Any], env: dict[str, str],
+                    jobs: int, log: Log | None, cancel: threading.Event | None,
+                    progress: Progress | None) -> None:
+    """pg_dump -Fd -j N into a temporary directory, then each file as an entry."""
+    tmp = Path(tempfile.mkdtemp(prefix="pgkloset-dump-"))
+    try:
+        out = tmp / "dump"
+        argv = [client.path("pg_dump"), "-Fd", "-j", str(jobs), "-f", str(out), *common]
+        with ToolProcess(argv, env, what="pg_dump", log=log, cancel=cancel) as tool:
+            tool.check()
+        writer.add_special("dump", "dir", mode=0o700)
+        names = sorted(os.listdir(out), key=lambda n: (n != "toc.dat", n))
+        for name in names:
+            path = out / name
+            with open(path, "rb") as f:
+                writer.add_stream(f"dump/{name}", f, entry_type="file", progress=progress,
+                                  mode=0o600)
+            path.unlink()  # free the disk as we go
+    except OSError as exc:
+        raise ToolFailed(f"cannot read pg_dump's output in {tmp}: {exc.strerror or exc}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,254 @@
+"""Connection strings, passwords and child processes for the PostgreSQL tools.
+
+A DSN may carry a password. It is split off here, once: the tools get the
+rest of the connection string on argv and the password through a private
+passfile (PGPASSFILE, mode 0600, deleted afterwards), so it never shows up in
+``ps``, in snapshot metadata or in an error message.
+
+`ToolProcess` runs a tool with its stderr read line by line (forwarded to a
+log callback and kept as a short tail for the error message) and kills it
+when a cancel event is set, so an orchestrator can stop a running dump.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import tempfile
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from pgkloset_core.errors import KlosetError, UsageError
+
+DSN_ENV = "PGKLOSET_DSN"
+TAIL_LINES = 6
+Log = Callable[[str], None]
+
+
+class ToolFailed(KlosetError):
+    """A PostgreSQL tool exited non-zero, was killed, or could not start."""
+
+
+class BackupCancelled(KlosetError):
+    """The caller asked to stop; the tool was killed and nothing was committed."""
+
+    exit_code = 130
+
+
+class ConnectFailed(KlosetError):
+    """The server could not be reached, or refused us."""
+
+
+@dataclass(frozen=True)
+class ConnTarget:
+    """A parsed DSN: connection parameters without the password, and the password."""
+
+    params: Mapping[str, str]
+    password: str | None = field(default=None, repr=False)
+
+    @classmethod
+    def parse(cls, dsn: str | None) -> ConnTarget:
+        """A DSN (URI or key=value); None or "" reads PGKLOSET_DSN."""
+        text = dsn if dsn else os.environ.get(DSN_ENV, "")
+        if not text:
+            raise UsageError(f"no connection string: pass --dsn or set {DSN_ENV}")
+        try:
+            params = {k: str(v) for k, v in conninfo_to_dict(text).items() if v is not None}
+        except psycopg.ProgrammingError as exc:
+            # The message may quote the DSN: keep only libpq's reason, never the text.
+            reason = str(exc).split(":")[0]
+            raise UsageError(f"invalid connection string ({reason})") from None
+        password = params.pop("password", None)
+        return cls(params=params, password=password)
+
+    @property
+    def dbname(self) -> str | None:
+        return self.params.get("dbname")
+
+    def with_db(self, dbname: str) -> ConnTarget:
+        return ConnTarget({**self.params, "dbname": dbname}, self.password)
+
+    def conninfo(self) -> str:
+        """The connection string for argv: never holds the password."""
+        return make_conninfo(**self.params)
+
+    def connect(self, **kwargs: Any) -> psycopg.Connection[Any]:
+        """An in-process connection (the password goes to libpq directly, not argv)."""
+        extra = {"password": self.password} if self.password is not None else {}
+        try:
+            return psycopg.connect(self.conninfo(), autocommit=True, **extra, **kwargs)
+        except psycopg.OperationalError as exc:
+            raise ConnectFailed(
+                f"cannot connect to {self.label()} database {self.db_label()}: {_oneline(exc)}"
+            ) from None
+
+    def host(self) -> str:
+        return self.params.get("host") or self.params.get("hostaddr") or \
+            os.environ.get("PGHOST") or "localhost"
+
+    def port(self) -> str:
+        return self.params.get("port") or os.environ.get("PGPORT") or "5432"
+
+    def label(self) -> str:
+        """host:port, the server's name in metadata when none is configured."""
+        return f"{self.host()}:{self.port()}"
+
+    def db_label(self) -> str:
+        return repr(self.dbname or self.params.get("user") or os.environ.get("PGDATABASE", ""))
+
+
+def _oneline(exc: BaseException) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return "; ".join(lines) or type(exc).__name__
+
+
+def _passfile_escape(text: str) -> str:
+    return text.replace("\\", "\\\\").replace(":", "\\:")
+
+
+@contextlib.contextmanager
+def tool_env(target: ConnTarget, base: Mapping[str, str] | None = None) -> Iterator[dict[str, str]]:
+    """The environment for a child tool: the password in a private passfile, if any."""
+    env = dict(os.environ if base is None else base)
+    if target.password is None:
+        yield env
+        return
+    env.pop("PGPASSWORD", None)  # the DSN's password wins over an inherited one
+    fd, path = tempfile.mkstemp(prefix="pgkloset-pass-")
+    try:
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(f"*:*:*:*:{_passfile_escape(target.password)}\n")
+        env["PGPASSFILE"] = path
+        yield env
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+
+
+class ToolProcess:
+    """A running tool: stderr captured, cancellable, one clear error on failure."""
+
+    def __init__(self, argv: Sequence[str | os.PathLike[str]], env: Mapping[str, str], *,
+                 what: str, stdin: int | IO[bytes] | None = subprocess.DEVNULL,
+                 stdout: int | IO[bytes] | None = subprocess.DEVNULL,
+                 log: Log | None = None, cancel: threading.Event | None = None,
+                 cwd: str | None = None) -> None:
+        self.what = what
+        self.tail: deque[str] = deque(maxlen=TAIL_LINES)
+        self.log = log
+        self.cancel = cancel
+        self.cancelled = False
+        self._done = threading.Event()
+        try:
+            self.proc = subprocess.Popen(
+                [str(a) for a in argv], stdin=stdin, stdout=stdout, stderr=subprocess.PIPE,
+                env=dict(env), cwd=cwd, start_new_session=True)
+        except OSError as exc:
+            raise ToolFailed(f"cannot run {what}: {exc.strerror or exc}") from None
+        self._reader = threading.Thread(target=self._read_stderr, daemon=True,
+                                        name=f"pgkloset-{what}-stderr")
+        self._reader.start()
+        self._watcher: threading.Thread | None = None
+        if cancel is not None:
+            self._watcher = threading.Thread(target=self._watch, daemon=True,
+                                             name=f"pgkloset-{what}-cancel")
+            self._watcher.start()
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def stdout(self) -> IO[bytes]:
+        assert self.proc.stdout is not None
+        return self.proc.stdout
+
+    @property
+    def stdin(self) -> IO[bytes]:
+        assert self.proc.stdin is not None
+        return self.proc.stdin
+
+    def _read_stderr(self) -> None:
+        assert self.proc.stderr is not None
+        for raw in self.proc.stderr:
+            line = raw.decode("utf-8", "replace").rstrip()
+            if not line:
+                continue
+            self.tail.append(line)
+            if self.log is not None:
+                with contextlib.suppress(Exception):  # a broken logger must not stop the tool
+                    self.log(line)
+
+    def _watch(self) -> None:
+        assert self.cancel is not None
+        while not self._done.is_set():
+            if self.cancel.wait(0.2):
+                if self.proc.poll() is None:
+                    self.cancelled = True
+                    self.kill()
+                return
+
+    def kill(self) -> None:
+        """Kill the tool (and anything it started in its session)."""
+        with contextlib.suppress(OSError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        with contextlib.suppress(OSError):
+            self.proc.kill()
+
+    def wait(self) -> int:
+        code = self.proc.wait()
+        self._done.set()
+        self._reader.join(timeout=10)
+        return code
+
+    def stderr_tail(self) -> str:
+        return " | ".join(self.tail)
+
+    def check(self) -> None:
+        """Wait; raise BackupCancelled or ToolFailed (with stderr's last lines) on failure."""
+        code = self.wait()
+        if self.cancelled or (self.cancel is not None and self.cancel.is_set() and code != 0):
+            raise BackupCancelled(f"{self.what} cancelled; nothing was committed")
+        if code != 0:
+            how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+            detail = self.stderr_tail() or "no error output"
+            raise ToolFailed(f"{self.what} {how}: {detail}")
+
+    def __enter__(self) -> ToolProcess:
+        return self
+
+    def __exit__(self, exc_type: object, *_rest: object) -> None:
+        if exc_type is not None and self.proc.poll() is None:
+            self.kill()
+        for stream in (self.proc.stdin, self.proc.stdout):
+            if stream is not None:
+                with contextlib.suppress(OSError):
+                    stream.close()
+        if self.proc.poll() is None and exc_type is not None:
+            self.proc.wait(timeout=30)
+        self._done.set()
+
+
+def run_tool(argv: Sequence[str | os.PathLike[str]], env: Mapping[str, str], *, what: str,
+             log: Log | None = None, cancel: threading.Event | None = None,
+             input_path: Path | None = None) -> str:
+    """Run a tool to completion; its stdout as text. Raises ToolFailed/BackupCancelled."""
+    stdin: Any = subprocess.DEVNULL
+    with contextlib.ExitStack() as stack:
+        if input_path is not None:
+            stdin = stack.enter_context(open(input_path, "rb"))
+        with ToolProcess(argv, env, what=what, stdin=stdin, stdout=subprocess.PIPE,
+                         log=log, cancel=cancel) as tool:
+            out = tool.stdout.read()
+            tool.check()
+    return out.decode("utf-8", "replace")
