@@ -4,9 +4,9 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-DEBS := openssh-server
+DEBS := openssh-server chromium
 
-.PHONY: setup demo test lint bench clean debs
+.PHONY: setup demo ui test lint bench clean debs
 
 setup: $(STAMP) debs
 
@@ -27,7 +27,11 @@ debs:
 	fi
 
 demo: setup
-	$(PY) -m pgkloset_core.demo
+	$(PY) -m pgkloset_dagster.demo
+
+# The Dagster UI on the demo (kept state in .pgkloset-demo/).
+ui: setup
+	$(PY) -m pgkloset_dagster.demo ui
 
 test: setup
 	$(VENV)/bin/ruff check .

@@ -1,5 +1,11 @@
-"""Dagster entry point: `dagster dev -f definitions.py` (grows with the Dagster integration)."""
+"""Dagster entry point: `dagster dev -f definitions.py`.
 
-from pgkloset_dagster import defs
+Definitions come from pgkloset.yaml (PGKLOSET_CONFIG, or ./pgkloset.yaml);
+without one, the embedded demo (see pgkloset_dagster/demo.py).
+"""
+
+from pgkloset_dagster import load_definitions
+
+defs = load_definitions()
 
 __all__ = ["defs"]

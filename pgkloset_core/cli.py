@@ -6,6 +6,8 @@ means the work is done. Repository from ``--repo`` or ``PGKLOSET_REPO``.
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
 from typing import Any
 
@@ -22,9 +24,9 @@ from pgkloset_core.cli_common import (
     status,
 )
 from pgkloset_core.errors import EntryNotFound, KlosetError, UsageError
-from pgkloset_core.kloset import locks
 from pgkloset_core.kloset.check import check as run_check
 from pgkloset_core.kloset.repository import Kloset
+from pgkloset_core.kloset.thaw import stderr_progress
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -112,12 +114,14 @@ def snapshots(app: AppContext, as_json: bool, tags: tuple[str, ...], kind: str |
 @cli.command()
 @click.argument("snapshot")
 @click.argument("entry", required=False)
+@click.option("--no-wait", is_flag=True, help="On cold storage: request the thaw and stop "
+              "(exit 75); run the same command again later.")
 @pass_app
-def cat(app: AppContext, snapshot: str, entry: str | None) -> None:
+def cat(app: AppContext, snapshot: str, entry: str | None, no_wait: bool) -> None:
     """Write an entry's bytes to standard output.
 
     SNAPSHOT is a full id, a unique prefix, or `latest`. ENTRY may be left out when the
-    snapshot has a single entry.
+    snapshot has a single entry. Packs in cold storage are thawed first.
     """
     kloset = app.open()
     snap = kloset.resolve(snapshot)
@@ -132,11 +136,23 @@ def cat(app: AppContext, snapshot: str, entry: str | None) -> None:
         if found is None:
             raise EntryNotFound(f"snapshot {snap.short_id} has no entry {entry!r}")
         chosen = found
+    with status("thaw") as say:
+        kloset.prepare_read(snap, [chosen], wait=not no_wait, progress=stderr_progress(say))
     with kloset.lock(exclusive=False, operation="cat", wait=app.lock_wait):
-        out = sys.stdout.buffer
         for data in kloset.read_entry(snap, chosen):
-            out.write(data)
-        out.flush()
+            _write_stdout(data)
+
+
+def _write_stdout(data: bytes) -> None:
+    """Unbuffered, so a failed write leaves nothing for Python to retry noisily at exit."""
+    view = memoryview(data)
+    try:
+        while view:
+            view = view[os.write(sys.stdout.fileno(), view):]
+    except BrokenPipeError:
+        raise  # the reader went away (`| head`): click exits quietly
+    except OSError as exc:
+        raise KlosetError(f"cannot write to standard output: {exc.strerror}") from None
 
 
 @cli.command()
@@ -162,37 +178,6 @@ def check(app: AppContext, read_data: bool, read_data_subset: float | None, as_j
                    f"{'no problems found' if report.ok else f'{len(report.problems)} problem(s)'}")
     if not report.ok:
         raise SystemExit(3)
-
-
-@cli.command()
-@click.argument("snapshot_ids", nargs=-1, required=True, metavar="SNAPSHOT...")
-@click.option("--json", "as_json", is_flag=True, help="Print the removed ids as JSON.")
-@pass_app
-def forget(app: AppContext, snapshot_ids: tuple[str, ...], as_json: bool) -> None:
-    """Remove snapshots (their data stays until `prune`)."""
-    kloset = app.open()
-    with kloset.lock(exclusive=True, operation="forget", wait=app.lock_wait) as lock:
-        chosen = [kloset.resolve(ref) for ref in snapshot_ids]  # all resolve before any is removed
-        lock.ensure_valid()
-        kloset.forget([s.id for s in chosen])
-    if as_json:
-        emit_json({"removed": [s.id for s in chosen]})
-    else:
-        for s in chosen:
-            click.echo(f"removed snapshot {s.short_id}")
-
-
-@cli.command()
-@click.option("--force", is_flag=True, help="Remove every lock, not only stale ones.")
-@pass_app
-def unlock(app: AppContext, force: bool) -> None:
-    """Remove stale locks left by dead processes."""
-    kloset = app.open()
-    removed = locks.remove_stale(kloset.backend, kloset.master, force=force)
-    for info in removed:
-        click.echo(f"removed {info.describe()}")
-    if not removed:
-        click.echo("no stale locks", err=True)
 
 
 @cli.group()
@@ -256,7 +241,9 @@ def _register_extensions() -> None:
     """Commands that live with their subsystem (PostgreSQL, maintenance, ...)."""
     import importlib
 
-    for module in ("pgkloset_core.postgres.commands", "pgkloset_core.kloset.commands"):
+    for module in ("pgkloset_core.postgres.commands", "pgkloset_core.postgres.physical_commands",
+                   "pgkloset_core.kloset.commands", "pgkloset_core.postgres.drill_commands",
+                   "pgkloset_core.kloset.sync_commands"):
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as exc:
@@ -270,6 +257,10 @@ _register_extensions()
 
 
 def main(argv: list[str] | None = None) -> int:
+    if not sys.stderr.isatty():
+        # Scripts and schedulers get exactly one line per failure; the retry notices of the
+        # storage layer show only to an operator watching a terminal.
+        logging.getLogger("pgkloset_core.storage").addHandler(logging.NullHandler())
     try:
         cli.main(args=argv, prog_name="pgkloset", standalone_mode=False)
     except click.exceptions.Abort:

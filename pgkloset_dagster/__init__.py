@@ -1,8 +1,10 @@
 """Dagster orchestration of pgkloset: resources, assets, checks, jobs, schedules, sensors.
 
-Only orchestration lives here; the work is done by pgkloset_core.
+Only orchestration lives here; the work is done by pgkloset_core. Building
+Definitions happens on request (``load_definitions``), not at import.
 """
 
-import dagster as dg
+from pgkloset_dagster.component import PgKlosetComponent
+from pgkloset_dagster.definitions import build_definitions, load_definitions
 
-defs = dg.Definitions()
+__all__ = ["PgKlosetComponent", "build_definitions", "load_definitions"]

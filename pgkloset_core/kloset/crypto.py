@@ -73,6 +73,8 @@ def aead_encrypt(key: bytes, nonce: bytes, plaintext: bytes | memoryview, aad: b
 
 
 def aead_decrypt(key: bytes, nonce: bytes, ciphertext: bytes | memoryview, aad: bytes) -> bytes:
+    if len(nonce) != NONCE_LEN:  # only ever from damaged input; AESGCM would raise ValueError
+        raise DecryptionFailed("authentication failed (bad nonce length)")
     try:
         return _aesgcm(key).decrypt(nonce, ciphertext, aad)
     except InvalidTag:

@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 
 from pgkloset_core.errors import CorruptObject
 from pgkloset_core.kloset.crypto import (
+    MASTER_LEN,
     NONCE_LEN,
     DecryptionFailed,
     KdfParams,
@@ -28,6 +29,7 @@ from pgkloset_core.kloset.crypto import (
 
 KEY_VERSION = 1
 KEYS_PREFIX = "keys/"
+MAX_KDF_MEMORY_KIB = 16 * 1024 * 1024  # 16 GiB: beyond it a key file is damaged, not careful
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,8 @@ class KeyFile:
             secret = aead_decrypt(kek, self.nonce, self.wrapped, _aad(self.kloset_id))
         except DecryptionFailed:
             return None
+        if len(secret) != MASTER_LEN:
+            raise CorruptObject(self.name, "the wrapped master key has the wrong length")
         return MasterKey(secret)
 
 
@@ -114,7 +118,11 @@ def parse_key_file(name: str, data: bytes) -> KeyFile:
             int(kdf["memory_kib"]),
             int(kdf["lanes"]),
         )
-        return KeyFile(
+        # Argon2id's own limits (RFC 9106), so that unwrap() cannot fail on them.
+        if (len(params.salt) < 8 or not 1 <= params.iterations < 2**32 or not 1 <= params.lanes < 2**24
+                or not 8 * params.lanes <= params.memory_kib <= MAX_KDF_MEMORY_KIB):
+            raise CorruptObject(name, "key file has invalid KDF parameters")
+        key = KeyFile(
             name=name,
             kloset_id=str(doc["kloset_id"]),
             kdf=params,
@@ -124,9 +132,12 @@ def parse_key_file(name: str, data: bytes) -> KeyFile:
             hostname=str(doc.get("hostname", "")),
             username=str(doc.get("username", "")),
         )
+        if len(key.nonce) != NONCE_LEN:
+            raise CorruptObject(name, "key file has an invalid nonce")
+        return key
     except CorruptObject:
         raise
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+    except (ValueError, KeyError, TypeError, AttributeError, OverflowError, RecursionError) as exc:
         raise CorruptObject(name, f"key file unreadable: {type(exc).__name__}") from None
 
 

@@ -65,6 +65,8 @@ class LockInfo:
 
 
 def _pid_alive(pid: int) -> bool:
+    if not 0 < pid < 2**31:  # no such process (and os.kill would signal a group, or overflow)
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -89,7 +91,7 @@ def read_locks(backend: Backend, master: MasterKey) -> list[LockInfo]:
                          str(doc["username"]), str(doc["operation"]), float(doc["created"]),
                          float(doc["refreshed"]))
             )
-        except (StorageError, CorruptObject, KeyError, TypeError, ValueError):
+        except (StorageError, CorruptObject, KeyError, TypeError, ValueError, OverflowError):
             continue  # vanished meanwhile or unreadable: not a lock we can honour
     return infos
 
@@ -98,14 +100,14 @@ class Lock:
     """A held lock; refreshes itself in a background thread."""
 
     def __init__(self, backend: Backend, master: MasterKey, exclusive: bool, operation: str,
-                 timing: LockTiming) -> None:
+                 timing: LockTiming, created: float | None = None) -> None:
         self.backend = backend
         self.master = master
         self.exclusive = exclusive
         self.operation = operation
         self.timing = timing
         self.name = LOCKS_PREFIX + secrets.token_hex(32)
-        self.created = time.time()
+        self.created = time.time() if created is None else created
         self.last_refresh = 0.0
         self.lost: str | None = None
         self._stop = threading.Event()
@@ -135,6 +137,11 @@ class Lock:
     def _refresh_loop(self) -> None:
         while not self._stop.wait(self.timing.refresh_interval):
             try:
+                # Rewriting a lock someone removed (`unlock --force`, or a peer that judged it
+                # stale) would hide that loss from ensure_valid: check first.
+                if not self.backend.exists(self.name):
+                    self._mark_lost(f"lock {self.name} was removed by another process")
+                    return
                 self.write()
             except Exception as exc:  # noqa: BLE001 - any failure means the lock is not held
                 self._mark_lost(f"cannot refresh lock {self.name}: {exc}")
@@ -173,30 +180,54 @@ class Lock:
 
 def acquire(backend: Backend, master: MasterKey, *, exclusive: bool, operation: str,
             wait: float = 0.0, timing: LockTiming | None = None) -> Lock:
-    """Take a lock, waiting up to ``wait`` seconds for conflicting ones to go."""
+    """Take a lock, waiting up to ``wait`` seconds for conflicting ones to go.
+
+    Every attempt writes its lock, then looks for conflicts, so of two racing
+    processes at least one sees the other. A shared waiter removes its lock
+    between attempts. An exclusive waiter that is the oldest exclusive one
+    keeps its lock in place while it waits: new shared lockers then back off
+    and the running ones drain, so a stream of overlapping backups cannot
+    starve prune forever. It still proceeds only when no conflict is left.
+    """
     timing = timing or LockTiming.from_env()
     deadline = time.monotonic() + wait
-    while True:
-        lock = Lock(backend, master, exclusive, operation, timing)
+    queued_since = time.time()
+    lock = Lock(backend, master, exclusive, operation, timing, created=queued_since)
+    try:
         lock.write()
-        conflict = _first_conflict(backend, master, lock, timing)
-        if conflict is None:
-            lock.start_refreshing()
-            return lock
-        lock.release()
-        if time.monotonic() >= deadline:
-            hint = " (use --lock-wait to wait, or `pgkloset unlock` if it is stale)"
-            raise LockError(f"kloset is locked: {conflict.describe()}{hint}")
-        time.sleep(min(timing.poll_interval, max(0.05, deadline - time.monotonic())))
+        while True:
+            conflicts = _conflicts(backend, master, lock, timing)
+            if not conflicts:
+                lock.start_refreshing()
+                return lock
+            out_of_time = time.monotonic() >= deadline
+            keep_place = exclusive and not out_of_time and not any(
+                c.exclusive and (c.created, c.name) < (lock.created, lock.name) for c in conflicts)
+            if not keep_place:
+                lock.release()
+            if out_of_time:
+                hint = " (use --lock-wait to wait, or `pgkloset unlock` if it is stale)"
+                raise LockError(f"kloset is locked: {conflicts[0].describe()}{hint}")
+            time.sleep(min(timing.poll_interval, max(0.05, deadline - time.monotonic())))
+            if not keep_place:
+                lock = Lock(backend, master, exclusive, operation, timing, created=queued_since)
+                lock.write()
+            elif time.time() - lock.last_refresh > timing.refresh_interval / 2:
+                lock.write()
+    except BaseException:
+        lock.release()  # never leave a waiting lock behind (deleting a missing one is fine)
+        raise
 
 
-def _first_conflict(backend: Backend, master: MasterKey, mine: Lock, timing: LockTiming) -> LockInfo | None:
+def _conflicts(backend: Backend, master: MasterKey, mine: Lock, timing: LockTiming) -> list[LockInfo]:
+    found = []
     for info in read_locks(backend, master):
         if info.name == mine.name or info.is_stale(timing):
             continue
         if info.exclusive or mine.exclusive:
-            return info
-    return None
+            found.append(info)
+    # Report the holder that matters most: an exclusive lock, else the oldest.
+    return sorted(found, key=lambda i: (not i.exclusive, i.created, i.name))
 
 
 def remove_stale(backend: Backend, master: MasterKey, *, force: bool = False,

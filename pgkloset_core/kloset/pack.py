@@ -153,7 +153,7 @@ def read_trailer(master: MasterKey, data: bytes, name: str) -> ParsedPack:
                              TRAILER_AAD + salt)
     except DecryptionFailed:
         raise CorruptObject(name, "pack trailer failed authentication") from None
-    if plain[:4] != TRAILER_MAGIC:
+    if len(plain) < 8 or plain[:4] != TRAILER_MAGIC:
         raise CorruptObject(name, "bad trailer")
     (count,) = struct.unpack_from("<I", plain, 4)
     if len(plain) != 8 + count * _TRAILER_RECORD.size:

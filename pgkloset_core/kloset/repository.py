@@ -7,6 +7,7 @@ This is the single entry point later layers use: ``Kloset.init`` or
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -32,12 +33,15 @@ from pgkloset_core.kloset.keys import KEYS_PREFIX, KdfCost, KeyFile, make_key_fi
 from pgkloset_core.kloset.pack import open_blob, pack_name
 from pgkloset_core.kloset.sealed import KIND_INDEX, KIND_SNAPSHOT, seal_json, unseal, unseal_json
 from pgkloset_core.kloset.snapshot import SNAPSHOTS_PREFIX, Entry, Snapshot
-from pgkloset_core.storage.base import Backend, ObjectNotFound
+from pgkloset_core.storage.base import Backend, ObjectNotFound, StorageError
 
 FORMAT_NAME = "pgkloset-kloset"
 FORMAT_VERSION = 1
 CONFIG_NAME = "config"
 INDEX_PREFIX = "index/"
+# Deleted (it never exists) before an exclusive lock: append-only credentials fail here,
+# before forget or prune has changed anything.
+DELETE_PROBE = SNAPSHOTS_PREFIX + "delete-probe"
 
 
 @dataclass(frozen=True)
@@ -82,7 +86,7 @@ class KlosetConfig:
         """Decode without authenticating (the caller verifies ``mac`` once keyed)."""
         try:
             doc = json.loads(data)
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
             raise NotAKloset("the repository's config is not a pgkloset config") from None
         if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME:
             raise NotAKloset("the repository's config is not a pgkloset config")
@@ -105,7 +109,7 @@ class KlosetConfig:
                 zstd_level=int(doc["compression"]["level"]),
                 extra=dict(doc.get("extra", {})),
             )
-        except (KeyError, TypeError, ValueError):
+        except (KeyError, TypeError, ValueError, OverflowError):
             raise CorruptObject(CONFIG_NAME, "config is incomplete") from None
         return cfg, doc
 
@@ -144,7 +148,13 @@ class Kloset:
         name, data = make_key_file(master, passphrase, config.id, kdf or KdfCost())
         # The key goes first: a config without a key would be a kloset nobody can open.
         backend.write(name, data)
-        backend.write(CONFIG_NAME, config.serialize(master))
+        try:
+            backend.write(CONFIG_NAME, config.serialize(master))
+        except Exception:
+            # A lone key file would make the location "not empty" for the next init.
+            with contextlib.suppress(StorageError):
+                backend.delete(name)
+            raise
         return cls(backend, master, config, name)
 
     @staticmethod
@@ -313,14 +323,33 @@ class Kloset:
 
         return iter_entry(self, snapshot, entry)
 
+    def prepare_read(self, snapshot: Snapshot, entries: list[Entry] | None = None, *,
+                     wait: bool = True, poll_interval: float | None = None,
+                     progress: Any = None) -> Any:
+        """Thaw from cold storage what reading ``entries`` (default: all) needs.
+
+        Call before ``read_entry`` in restores and drills. A no-op on backends
+        without cold storage; with ``wait=False`` raises ThawPending while packs thaw.
+        """
+        if not self.backend.may_be_cold:
+            return None
+        from pgkloset_core.kloset.thaw import prepare_read
+
+        return prepare_read(self, snapshot, entries, wait=wait, poll_interval=poll_interval,
+                            progress=progress)
+
     # -- writing --------------------------------------------------------------
 
     def lock(self, *, exclusive: bool, operation: str, wait: float = 0.0) -> locks.Lock:
+        if exclusive:
+            self.backend.delete(DELETE_PROBE)  # raises DeleteDenied for append-only credentials
         return locks.acquire(self.backend, self.master, exclusive=exclusive, operation=operation, wait=wait)
 
     def writer(self, *, kind: str, tags: list[str] | None = None, meta: dict[str, Any] | None = None,
-               lock: locks.Lock | None = None, workers: int | None = None):  # noqa: ANN201
+               lock: locks.Lock | None = None, workers: int | None = None,
+               time: datetime | None = None):  # noqa: ANN201
+        """A SnapshotWriter; ``time`` (timezone-aware) overrides the snapshot's time."""
         from pgkloset_core.kloset.writer import SnapshotWriter
 
         return SnapshotWriter(self, kind=kind, tags=tags or [], meta=meta or {}, lock=lock,
-                              workers=workers or max(2, os.cpu_count() or 2))
+                              workers=workers or max(2, os.cpu_count() or 2), start_time=time)

@@ -97,5 +97,5 @@ def unseal_json(master: MasterKey, kind: bytes, data: bytes, name: str) -> Any:
     raw = unseal(master, kind, data, name)
     try:
         return json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise CorruptObject(name, f"invalid JSON: {exc}") from None

@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from pgkloset_core.errors import CorruptObject
+from pgkloset_core.kloset.index import ID_LEN
 
 SNAPSHOT_VERSION = 1
 SNAPSHOTS_PREFIX = "snapshots/"
@@ -59,29 +60,44 @@ class Entry:
         return doc
 
     @classmethod
-    def from_json(cls, doc: dict[str, Any]) -> Entry:
-        entry = cls(
-            name=str(doc["name"]),
-            type=str(doc.get("type", "stream")),
-            size=int(doc.get("size", 0)),
-            mode=doc.get("mode"),
-            uid=doc.get("uid"),
-            gid=doc.get("gid"),
-            user=doc.get("user"),
-            group=doc.get("group"),
-            mtime=doc.get("mtime"),
-            target=doc.get("target"),
-            inline=base64.b64decode(doc.get("inline", ""), validate=True),
-            lists=[str(x) for x in doc.get("lists", [])],
-            meta=dict(doc.get("meta", {})),
-        )
-        if entry.type not in ENTRY_TYPES:
-            raise ValueError(f"unknown entry type {entry.type!r}")
-        if len(entry.inline) % CHUNK_REF.size:
-            raise ValueError("inline chunk list has a partial record")
-        for blob in entry.lists:
-            bytes.fromhex(blob)
+    def from_json(cls, doc: dict[str, Any], where: str = "snapshot entry") -> Entry:
+        """Decode one entry; anything malformed is a CorruptObject naming ``where``."""
+        try:
+            entry = cls(
+                name=str(doc["name"]),
+                type=str(doc.get("type", "stream")),
+                size=int(doc.get("size", 0)),
+                mode=_optional(doc, "mode", int),
+                uid=_optional(doc, "uid", int),
+                gid=_optional(doc, "gid", int),
+                user=_optional(doc, "user", str),
+                group=_optional(doc, "group", str),
+                mtime=_optional(doc, "mtime", (int, float)),
+                target=_optional(doc, "target", str),
+                inline=base64.b64decode(doc.get("inline", ""), validate=True),
+                lists=[str(x) for x in doc.get("lists", [])],
+                meta=dict(doc.get("meta", {})),
+            )
+            if entry.type not in ENTRY_TYPES:
+                raise ValueError(f"unknown entry type {entry.type!r}")
+            if entry.size < 0:
+                raise ValueError("negative size")
+            if len(entry.inline) % CHUNK_REF.size:
+                raise ValueError("inline chunk list has a partial record")
+            for blob in entry.lists:
+                if len(bytes.fromhex(blob)) != ID_LEN:
+                    raise ValueError("list blob id of the wrong length")
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
+            raise CorruptObject(where, f"invalid entry: {exc}") from None
         return entry
+
+
+def _optional(doc: dict[str, Any], key: str, types: type | tuple[type, ...]) -> Any:
+    """An optional attribute of the given type (bool is not a number here)."""
+    value = doc.get(key)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, types)):
+        raise ValueError(f"{key} has the wrong type")
+    return value
 
 
 def iter_refs(packed: bytes) -> Iterator[tuple[bytes, int]]:
@@ -150,11 +166,11 @@ class Snapshot:
                 kind=str(doc.get("kind", "")),
                 tags=[str(t) for t in doc.get("tags", [])],
                 meta=dict(doc.get("meta", {})),
-                entries=[Entry.from_json(e) for e in doc.get("entries", [])],
+                entries=[Entry.from_json(e, name) for e in doc.get("entries", [])],
                 summary=dict(doc.get("summary", {})),
                 program=str(doc.get("program", "")),
             )
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
             raise CorruptObject(name, f"invalid manifest: {exc}") from None
 
     def summary_json(self) -> dict[str, Any]:

@@ -8,6 +8,10 @@ bounded, so memory stays flat whatever the size of the stream.
 Commit order: packs, then the index delta, then the snapshot manifest. Only
 the manifest makes a snapshot exist; a writer that dies earlier leaves
 unreferenced packs that prune removes.
+
+List blobs go to packs of their own, written as metadata (``metadata_writes``):
+on cold storage they stay hot, so ``check`` and restore planning can read
+chunk lists without thawing data.
 """
 
 from __future__ import annotations
@@ -19,10 +23,10 @@ import stat
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, NamedTuple
 
 import zstandard
 from pyfastcdc import FastCDC
@@ -41,9 +45,17 @@ from pgkloset_core.kloset.snapshot import (
     Entry,
     Snapshot,
 )
+from pgkloset_core.storage.base import metadata_writes
 
 PACKS_PER_DELTA = 64
 Progress = Callable[[int], None]
+
+
+class KnownChunk(NamedTuple):
+    """A chunk this kloset already holds, given by id (``add_chunks`` skips its bytes)."""
+
+    blob_id: bytes
+    length: int
 
 
 class _BlobSink:
@@ -55,6 +67,7 @@ class _BlobSink:
         self.key = kloset.master.pack_key(self.salt)
         self.nonces = NonceCounter()
         self.pack = PackBuilder(self.salt)
+        self.list_pack = PackBuilder(self.salt)
         self.uploader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pgkloset-upload")
         self.uploads: deque[Future[PackRecord]] = deque()
         self.pending_records: list[PackRecord] = []
@@ -73,23 +86,33 @@ class _BlobSink:
             return
         self.seen.add(blob_id)
         self.new_blobs += 1
-        self.pack.add(blob_id, blob_type, sealed, raw_length)
-        if len(self.pack) >= self.kloset.config.pack_size:
-            self._ship()
+        lists = blob_type == BLOB_LIST
+        builder = self.list_pack if lists else self.pack
+        builder.add(blob_id, blob_type, sealed, raw_length)
+        if len(builder) >= self.kloset.config.pack_size:
+            self._ship(lists=lists)
 
-    def _ship(self) -> None:
-        if self.pack.empty:
+    def _ship(self, *, lists: bool = False) -> None:
+        builder = self.list_pack if lists else self.pack
+        if builder.empty:
             return
-        finished = self.pack.finish(self.key, self.nonces.next())
-        self.pack = PackBuilder(self.salt)
+        finished = builder.finish(self.key, self.nonces.next())
+        if lists:
+            self.list_pack = PackBuilder(self.salt)
+        else:
+            self.pack = PackBuilder(self.salt)
         # At most one pack uploading and one being filled: bounded memory.
         while self.uploads:
             self._collect(self.uploads.popleft())
-        self.uploads.append(self.uploader.submit(self._upload, finished))
+        self.uploads.append(self.uploader.submit(self._upload, finished, lists))
 
-    def _upload(self, finished: FinishedPack) -> PackRecord:
+    def _upload(self, finished: FinishedPack, lists: bool = False) -> PackRecord:
         data, record = finished.materialize()
-        self.kloset.backend.write(pack_name(record.pack_id), data)
+        if lists:
+            with metadata_writes():
+                self.kloset.backend.write(pack_name(record.pack_id), data)
+        else:
+            self.kloset.backend.write(pack_name(record.pack_id), data)
         with self._lock:
             self.stored_bytes += len(data)
         return record
@@ -103,6 +126,7 @@ class _BlobSink:
 
     def flush(self) -> None:
         self._ship()
+        self._ship(lists=True)
         while self.uploads:
             self._collect(self.uploads.popleft())
 
@@ -124,7 +148,7 @@ class SnapshotWriter:
     """Builds one snapshot from streams and files; ``commit()`` makes it exist."""
 
     def __init__(self, kloset: Kloset, *, kind: str, tags: list[str], meta: dict[str, Any],
-                 lock: Lock | None, workers: int) -> None:
+                 lock: Lock | None, workers: int, start_time: datetime | None = None) -> None:
         self.kloset = kloset
         self.kind = kind
         self.tags = list(tags)
@@ -132,7 +156,10 @@ class SnapshotWriter:
         self.lock = lock
         self.entries: list[Entry] = []
         self.started = time.monotonic()
-        self.start_time = datetime.now(UTC)
+        if start_time is not None and start_time.utcoffset() is None:
+            raise UsageError("a snapshot time must carry a timezone")
+        # An explicit time is for imports and tests that build a timeline; normally "now".
+        self.start_time = start_time or datetime.now(UTC)
         self.logical_bytes = 0
         self.sink = _BlobSink(kloset)
         self.workers = workers
@@ -144,6 +171,9 @@ class SnapshotWriter:
                                normalized_chunking=cfg.normalized_chunking, seed=kloset.master.chunker_seed)
         self.closed = False
         self.chunk_count = 0
+        # Who made the snapshot; sync keeps the original's.
+        self.hostname: str | None = None
+        self.username: str | None = None
 
     # -- the pipeline ---------------------------------------------------------
 
@@ -170,24 +200,41 @@ class SnapshotWriter:
                    progress: Progress | None = None, **attrs: Any) -> Entry:
         """Chunk and store everything ``stream`` yields until EOF."""
         self._check_open(name)
+        chunks = (bytes(chunk.data) for chunk in self.chunker.cut_stream(stream))
+        return self.add_chunks(name, chunks, entry_type=entry_type, progress=progress, **attrs)
+
+    def add_chunks(self, name: str, chunks: Iterable[bytes | KnownChunk], *,
+                   entry_type: str = "stream", progress: Progress | None = None,
+                   **attrs: Any) -> Entry:
+        """Store content already cut into chunks (``sync`` keeps the source's boundaries).
+
+        A ``KnownChunk`` names a chunk this kloset holds already, so its bytes
+        need not be read again.
+        """
+        self._check_open(name)
         refs = _RefList(self)
-        window: deque[Future[tuple[bytes, int, bytes | None]]] = deque()
+        window: deque[Future[tuple[bytes, int, bytes | None]] | KnownChunk] = deque()
         depth = self.workers * 4
         size = 0
         try:
-            for chunk in self.chunker.cut_stream(stream):
-                data = bytes(chunk.data)
-                size += len(data)
-                window.append(self.pool.submit(self._prepare, data))
+            for chunk in chunks:
+                if isinstance(chunk, KnownChunk):
+                    window.append(chunk)
+                    length = chunk.length
+                else:
+                    length = len(chunk)
+                    window.append(self.pool.submit(self._prepare, chunk))
+                size += length
                 if len(window) >= depth:
-                    self._consume(window.popleft().result(), refs)
+                    self._take(window.popleft(), refs)
                 if progress:
-                    progress(len(data))
+                    progress(length)
             while window:
-                self._consume(window.popleft().result(), refs)
+                self._take(window.popleft(), refs)
         except BaseException:
-            for fut in window:
-                fut.cancel()
+            for item in window:
+                if isinstance(item, Future):
+                    item.cancel()
             raise
         entry = Entry(name=name, type=entry_type, size=size, **attrs)
         refs.finish(entry)
@@ -195,6 +242,15 @@ class SnapshotWriter:
         self.logical_bytes += size
         self.entries.append(entry)
         return entry
+
+    def _take(self, item: Future[tuple[bytes, int, bytes | None]] | KnownChunk, refs: _RefList) -> None:
+        """Consume in order, so a known chunk stored earlier in this entry is seen by now."""
+        if isinstance(item, KnownChunk):
+            if item.blob_id not in self.sink.seen and self.index.lookup(item.blob_id) is None:
+                raise KlosetError(f"chunk {item.blob_id.hex()[:16]} is not in the kloset")
+            refs.append(item.blob_id, item.length)
+        else:
+            self._consume(item.result(), refs)
 
     def add_bytes(self, name: str, data: bytes, **attrs: Any) -> Entry:
         import io
@@ -247,8 +303,8 @@ class SnapshotWriter:
             snapshot = Snapshot(
                 id="",
                 time=self.start_time,
-                hostname=socket.gethostname(),
-                username=_current_user(),
+                hostname=self.hostname or socket.gethostname(),
+                username=self.username or _current_user(),
                 kind=self.kind,
                 tags=self.tags,
                 meta=self.meta,

@@ -125,6 +125,7 @@ def restore_cmd(app: AppContext, snapshot: str, verbose: bool, as_json: bool,
 
     kloset = app.open()
     snap = resolve_snapshot(kloset, snapshot, opts["database"])
+    kloset.prepare_read(snap)  # cold storage: thaw the packs it needs, with progress
     log = _stderr_log(verbose)
     given_logical = [k for k in _LOGICAL_OPTS if opts[k] not in (None, False, (), 1)
                      and k != "database"]

@@ -180,6 +180,7 @@ def run_drill(kloset: Kloset, snapshot: Snapshot | str, *, database: str | None 
     if snap.kind not in DRILLABLE_KINDS:
         raise DrillError(f"snapshot {snap.short_id} is of kind {snap.kind!r}; drills restore "
                          f"{' or '.join(DRILLABLE_KINDS)} snapshots")
+    kloset.prepare_read(snap)  # cold storage: thaw the packs the restore reads, first
     report = DrillReport(snapshot_id=snap.id, kind=snap.kind, database=database,
                          source_version=source_version(snap))
     binaries = scratch_binaries(snap, bin_dir=bin_dir)
@@ -627,6 +628,7 @@ def restore_globals_snapshot(kloset: Kloset, snap: Snapshot, instance: Instance,
     from pgkloset_core.postgres.restore_logical import restore_globals
 
     try:
+        kloset.prepare_read(snap)  # cold storage: thaw first
         restore_globals(kloset, snap, instance.dsn("postgres"),
                         bin_dir=str(instance.binaries.bin_dir), log=say)
     except KlosetError as exc:

@@ -7,6 +7,7 @@ from urllib.parse import urlparse
 from pgkloset_core.errors import UsageError
 from pgkloset_core.storage.base import (
     Backend,
+    DeleteDenied,
     NoSpace,
     ObjectExists,
     ObjectInfo,
@@ -16,6 +17,7 @@ from pgkloset_core.storage.base import (
 
 __all__ = [
     "Backend",
+    "DeleteDenied",
     "NoSpace",
     "ObjectExists",
     "ObjectInfo",

@@ -8,6 +8,8 @@ injection can be layered as wrappers (as restic does).
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -29,6 +31,40 @@ class ObjectExists(StorageError):
 
 class NoSpace(StorageError):
     """The backend ran out of space."""
+
+
+class DeleteDenied(StorageError):
+    """The backend refused a delete: these credentials may only add (append-only mode)."""
+
+
+# Cold storage states of one object (see Backend.cold_state).
+HOT = "hot"  # readable now
+FROZEN = "frozen"  # in an archive class; needs a thaw before reading
+THAWING = "thawing"  # a thaw was requested and is still running
+THAWED = "thawed"  # a temporary readable copy exists
+READABLE = frozenset({HOT, THAWED})
+
+_hints = threading.local()
+
+
+@contextlib.contextmanager
+def metadata_writes() -> Iterator[None]:
+    """Objects this thread writes inside the block are metadata: keep them in a hot class.
+
+    Packs of list blobs are named like data packs, yet ``check`` and restore
+    planning read them; a backend with a cold storage class for ``data/``
+    consults ``writing_metadata()`` so those packs stay readable.
+    """
+    before = getattr(_hints, "metadata", False)
+    _hints.metadata = True
+    try:
+        yield
+    finally:
+        _hints.metadata = before
+
+
+def writing_metadata() -> bool:
+    return bool(getattr(_hints, "metadata", False))
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,3 +115,26 @@ class Backend(ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections; the default has nothing to release."""
+
+    # -- cold storage (optional) -------------------------------------------
+    # Backends without archive classes keep these defaults: everything is hot.
+    # Wrappers that keep the wrapped backend in ``inner`` forward them.
+
+    def cold_state(self, name: str) -> tuple[str, int]:
+        """(state, size) of one object: HOT, FROZEN, THAWING or THAWED."""
+        inner = getattr(self, "inner", None)
+        if isinstance(inner, Backend):
+            return inner.cold_state(name)
+        return HOT, self.stat(name).size
+
+    def request_thaw(self, name: str, *, days: int | None = None, tier: str | None = None) -> None:
+        """Ask for a readable copy of a frozen object for ``days`` (backend defaults if None)."""
+        inner = getattr(self, "inner", None)
+        if isinstance(inner, Backend):
+            inner.request_thaw(name, days=days, tier=tier)
+
+    @property
+    def may_be_cold(self) -> bool:
+        """Whether objects can sit in an archive class (restores then plan a thaw first)."""
+        inner = getattr(self, "inner", None)
+        return inner.may_be_cold if isinstance(inner, Backend) else False

@@ -1,14 +1,24 @@
 """S3 backend with plain boto3, so it works unchanged on AWS, MinIO and others.
 
 URL: ``s3://bucket[/prefix]?endpoint=URL&region=R&storage_class=C
-&addressing_style=path|virtual|auto&max_attempts=N``. The endpoint may also
+&addressing_style=path|virtual|auto&max_attempts=N&thaw_days=D&thaw_tier=T
+&object_lock_days=N&object_lock_mode=governance|compliance``. The endpoint may also
 come from ``PGKLOSET_S3_ENDPOINT`` (or boto3's own ``AWS_ENDPOINT_URL_S3``);
 credentials and region come from the standard AWS chain, never from the URL.
 
 Create-only writes use ``If-None-Match: *`` (on PutObject and on
 CompleteMultipartUpload), which S3 and MinIO evaluate atomically, so lock
 creation is safe between hosts. The storage class applies to ``data/`` only:
-metadata (config, keys, locks, index, snapshots) stays in a hot class.
+metadata (config, keys, locks, index, snapshots, and packs of list blobs,
+written under ``metadata_writes()``) stays in a hot class. A frozen object
+(GLACIER, DEEP_ARCHIVE, or an Intelligent-Tiering archive tier) is thawed
+with RestoreObject (``thaw_days``, default 7; ``thaw_tier`` Standard, Bulk or
+Expedited); ``cold_state`` reads HeadObject's Restore header.
+
+Append-only: a DeleteObject refused with AccessDenied becomes DeleteDenied.
+With ``object_lock_days`` every pack, index delta and snapshot is written
+with Object Lock retention (GOVERNANCE unless ``object_lock_mode=compliance``;
+the bucket must have Object Lock enabled).
 
 Retries: botocore's retry mode (``standard`` unless ``AWS_RETRY_MODE`` says
 otherwise) handles throttling, 5xx and connection setup; this module adds a
@@ -26,6 +36,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 from urllib.parse import parse_qs, urlsplit
 
@@ -49,11 +60,17 @@ from botocore.exceptions import (
 
 from pgkloset_core.errors import UsageError
 from pgkloset_core.storage.base import (
+    FROZEN,
+    HOT,
+    THAWED,
+    THAWING,
     Backend,
+    DeleteDenied,
     ObjectExists,
     ObjectInfo,
     ObjectNotFound,
     StorageError,
+    writing_metadata,
 )
 from pgkloset_core.storage.retry import TransientStorageError, backoff
 
@@ -65,7 +82,14 @@ MULTIPART_THRESHOLD = 16 * 1024 * 1024
 PART_SIZE = 8 * 1024 * 1024
 UPLOAD_THREADS = 4
 STREAM_ATTEMPTS = 4
-URL_OPTIONS = ("endpoint", "region", "storage_class", "addressing_style", "max_attempts")
+URL_OPTIONS = ("endpoint", "region", "storage_class", "addressing_style", "max_attempts",
+               "thaw_days", "thaw_tier", "object_lock_days", "object_lock_mode")
+ARCHIVE_CLASSES = frozenset({"GLACIER", "DEEP_ARCHIVE"})
+THAW_TIERS = ("Standard", "Bulk", "Expedited")
+DEFAULT_THAW_DAYS = 7
+LOCKED_PREFIXES = ("data/", "index/", "snapshots/")
+APPEND_ONLY = ("the kloset is append-only for these credentials; run forget/prune with "
+               "maintenance credentials")
 STORAGE_CLASSES = frozenset(
     {"STANDARD", "REDUCED_REDUNDANCY", "STANDARD_IA", "ONEZONE_IA", "INTELLIGENT_TIERING",
      "GLACIER", "GLACIER_IR", "DEEP_ARCHIVE", "OUTPOSTS", "SNOW", "EXPRESS_ONEZONE"}
@@ -109,6 +133,10 @@ class S3Options:
     storage_class: str | None = None
     addressing_style: str | None = None
     max_attempts: int | None = None
+    thaw_days: int = DEFAULT_THAW_DAYS
+    thaw_tier: str = "Standard"
+    object_lock_days: int | None = None
+    object_lock_mode: str = "GOVERNANCE"
 
     @classmethod
     def parse(cls, url: str) -> S3Options:
@@ -132,6 +160,15 @@ class S3Options:
         attempts = opt.get("max_attempts")
         if attempts is not None and not attempts.isdigit():
             raise UsageError("max_attempts must be a positive integer")
+        for key in ("thaw_days", "object_lock_days"):
+            if key in opt and not (opt[key].isdigit() and int(opt[key]) > 0):
+                raise UsageError(f"{key} must be a positive number of days")
+        tier = {t.lower(): t for t in THAW_TIERS}.get(opt.get("thaw_tier", "standard").lower())
+        if tier is None:
+            raise UsageError(f"thaw_tier must be one of {', '.join(THAW_TIERS)}")
+        lock_mode = opt.get("object_lock_mode", "governance").upper()
+        if lock_mode not in ("GOVERNANCE", "COMPLIANCE"):
+            raise UsageError("object_lock_mode must be governance or compliance")
         return cls(
             bucket=parts.netloc,
             prefix=parts.path.strip("/"),
@@ -140,6 +177,10 @@ class S3Options:
             storage_class=storage_class,
             addressing_style=style,
             max_attempts=int(attempts) if attempts else None,
+            thaw_days=int(opt.get("thaw_days", DEFAULT_THAW_DAYS)),
+            thaw_tier=tier,
+            object_lock_days=int(opt["object_lock_days"]) if "object_lock_days" in opt else None,
+            object_lock_mode=lock_mode,
         )
 
 
@@ -215,6 +256,8 @@ class S3Backend(Backend):
             if code in BAD_CREDENTIALS:
                 return StorageError(f"S3 rejected the credentials ({code}) for {where}: check AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY or the AWS profile")
             if code in ("AccessDenied", "AllAccessDisabled", "403") or status == 403:
+                if what == "delete":
+                    return DeleteDenied(f"{APPEND_ONLY} (S3 denied deleting {name} in {where})")
                 return StorageError(f"S3 access denied for {what} {name} in {where}: check the credentials' permissions")
             if code == "InvalidRange" or status == 416:
                 return StorageError(f"{name} is shorter than the requested range")
@@ -229,10 +272,15 @@ class S3Backend(Backend):
             return TransientStorageError(f"connection to S3 {where} dropped during {what} {name}")
         return StorageError(f"S3 {what} {name} failed in {where}: {type(exc).__name__}")
 
-    def _extra_args(self, name: str) -> dict[str, str]:
-        if self.opts.storage_class and name.startswith(DATA_PREFIX):
-            return {"StorageClass": self.opts.storage_class}
-        return {}
+    def _extra_args(self, name: str) -> dict[str, Any]:
+        extra: dict[str, Any] = {}
+        if self.opts.storage_class and name.startswith(DATA_PREFIX) and not writing_metadata():
+            extra["StorageClass"] = self.opts.storage_class
+        if self.opts.object_lock_days and name.startswith(LOCKED_PREFIXES):
+            extra["ObjectLockMode"] = self.opts.object_lock_mode
+            extra["ObjectLockRetainUntilDate"] = (
+                datetime.now(UTC) + timedelta(days=self.opts.object_lock_days))
+        return extra
 
     def _check_bucket(self) -> None:
         """Tell a missing bucket from a missing object (HEAD gives both as a bare 404)."""
@@ -316,7 +364,7 @@ class S3Backend(Backend):
         key: str,
         name: str,
         data: bytes,
-        extra: dict[str, str],
+        extra: dict[str, Any],
         cond: dict[str, str],
         sends: _SendCounter,
     ) -> None:
@@ -376,6 +424,49 @@ class S3Backend(Backend):
             self._check_bucket()
             raise
         return ObjectInfo(name, int(resp["ContentLength"]))
+
+    # -- cold storage --------------------------------------------------------
+
+    @property
+    def may_be_cold(self) -> bool:
+        # Lifecycle rules may move objects to an archive class whatever the URL says.
+        return True
+
+    def cold_state(self, name: str) -> tuple[str, int]:
+        key = self._key(name)
+        try:
+            resp = self._call("stat", name, lambda: self._client.head_object(Bucket=self.opts.bucket, Key=key))
+        except ObjectNotFound:
+            self._check_bucket()
+            raise
+        size = int(resp["ContentLength"])
+        archived = resp.get("StorageClass") in ARCHIVE_CLASSES or bool(resp.get("ArchiveStatus"))
+        if not archived:
+            return HOT, size
+        restore = resp.get("Restore") or ""
+        if 'ongoing-request="true"' in restore:
+            return THAWING, size
+        if 'ongoing-request="false"' in restore:
+            return THAWED, size
+        return FROZEN, size
+
+    def request_thaw(self, name: str, *, days: int | None = None, tier: str | None = None) -> None:
+        key = self._key(name)
+        request: dict[str, Any] = {"GlacierJobParameters": {"Tier": tier or self.opts.thaw_tier}}
+        request["Days"] = days or self.opts.thaw_days
+
+        def restore() -> None:
+            try:
+                self._client.restore_object(Bucket=self.opts.bucket, Key=key, RestoreRequest=request)
+            except ClientError as exc:
+                code = str(exc.response.get("Error", {}).get("Code", ""))
+                if code == "RestoreAlreadyInProgress":
+                    return
+                if code == "InvalidObjectState":
+                    return  # not (or no longer) in an archive class: nothing to thaw
+                raise
+
+        self._call("thaw", name, restore)
 
     def close(self) -> None:
         self._client.close()

@@ -1,0 +1,1 @@
+"""A dg project wrapping PgKlosetComponent (see defs/pgkloset/defs.yaml)."""

@@ -1,0 +1,201 @@
+"""Round trips: whatever goes in comes back byte for byte.
+
+Library level with hypothesis (many entries, sizes up to ~3 MiB, random,
+repetitive and self-similar data, two chunker configurations), then a 2 GiB
+stream through the real CLI with a bound on the backup process's peak memory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import time
+from pathlib import Path
+
+import blake3
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pgkloset_core.kloset.check import check
+from pgkloset_core.kloset.repository import Kloset
+from pgkloset_core.kloset.snapshot import LIST_BLOB_MAX_CHUNKS
+from pgkloset_core.storage import open_backend
+from tests.fixtures.kloset import (
+    CLI,
+    PASSPHRASE,
+    GiB,
+    MiB,
+    measured_command,
+    producer_command,
+    seeded_bytes,
+)
+
+# Chunks of ~300 bytes: a few MiB give thousands of chunks, so entries spill
+# their chunk lists into list blobs and packs fill up quickly.
+TINY_CHUNKS = {"min_chunk": 256, "avg_chunk": 256, "max_chunk": 1024, "pack_size": 256 * 1024}
+
+
+def make_data(kind: str, seed: int, size: int) -> bytes:
+    """Test data of a given shape, reproducible from (kind, seed, size)."""
+    if kind == "random":
+        return seeded_bytes(seed, size)
+    if kind == "zeros":
+        return bytes(size)
+    rng = random.Random(seed)
+    if kind == "repeat":  # a short block over and over: one or two distinct chunks
+        block = rng.randbytes(rng.randint(1, 4096))
+        return (block * (size // len(block) + 1))[:size]
+    # "mixed": fresh random segments and copies of earlier ones (dedup inside a stream)
+    out = bytearray()
+    segments: list[bytes] = []
+    while len(out) < size:
+        if segments and rng.random() < 0.4:
+            seg = rng.choice(segments)
+        else:
+            seg = rng.randbytes(rng.randint(1, 512 * 1024))
+            segments.append(seg)
+        out += seg
+    return bytes(out[:size])
+
+
+@pytest.fixture
+def across_examples() -> dict:
+    """State kept across the examples of one hypothesis test (fixtures run once per test)."""
+    return {}
+
+
+data_strategy = st.one_of(
+    st.binary(max_size=4096),
+    st.builds(make_data, st.sampled_from(["random", "zeros", "repeat", "mixed"]),
+              st.integers(0, 2**32), st.integers(0, 3 * MiB)),
+)
+entries_strategy = st.lists(st.tuples(st.text(min_size=1, max_size=40), data_strategy),
+                            min_size=1, max_size=4, unique_by=lambda e: e[0])
+
+
+@pytest.mark.parametrize("config", [{}, TINY_CHUNKS], ids=["default-chunks", "tiny-chunks"])
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                  HealthCheck.too_slow,
+                                                                  HealthCheck.data_too_large])
+@given(entries=entries_strategy, tags=st.lists(st.text(max_size=10), max_size=3),
+       meta=st.dictionaries(st.text(max_size=10), st.integers() | st.text(max_size=10), max_size=3))
+def test_streams_round_trip(new_lib_kloset, kloset_url, across_examples, config, entries, tags,
+                            meta) -> None:
+    # One kloset for all examples of a run: later examples dedup against earlier ones.
+    if "kloset" not in across_examples:
+        across_examples["kloset"] = new_lib_kloset(**config)
+    kloset = across_examples["kloset"]
+    writer = kloset.writer(kind="test", tags=tags, meta=meta)
+    for name, data in entries:
+        writer.add_bytes(name, data)
+    snap = writer.commit()
+    assert snap.summary["logical_bytes"] == sum(len(d) for _, d in entries)
+
+    # Read back through a freshly opened kloset (nothing cached from the writer).
+    reopened = Kloset.open(open_backend(kloset_url), PASSPHRASE)
+    got = reopened.resolve(snap.id[:10])
+    assert got.id == snap.id
+    assert got.tags == tags and got.meta == meta
+    assert [e.name for e in got.entries] == [n for n, _ in entries]
+    for name, data in entries:
+        entry = got.entry(name)
+        assert entry is not None and entry.size == len(data)
+        assert b"".join(reopened.read_entry(got, entry)) == data
+    assert check(reopened).ok
+
+
+def test_many_list_blobs_dedup_and_full_check(new_lib_kloset, kloset_url) -> None:
+    """More chunks than one list blob holds; a second identical backup stores no data."""
+    kloset = new_lib_kloset(**TINY_CHUNKS)
+    data = seeded_bytes(7, 6 * MiB)
+    writer = kloset.writer(kind="test")
+    entry = writer.add_bytes("big", data)
+    writer.add_bytes("empty", b"")
+    first = writer.commit()
+    assert first.summary["chunks"] > LIST_BLOB_MAX_CHUNKS
+    assert len(entry.lists) >= 2 and not entry.inline
+
+    writer = kloset.writer(kind="test")
+    writer.add_bytes("big", data)
+    second = writer.commit()
+    assert second.summary["new_blobs"] == 0
+    assert second.summary["stored_bytes"] == 0
+
+    reopened = Kloset.open(open_backend(kloset_url), PASSPHRASE)
+    for snap_id in (first.id, second.id):
+        snap = reopened.resolve(snap_id)
+        assert b"".join(reopened.read_entry(snap, snap.entry("big"))) == data
+    assert b"".join(reopened.read_entry(first, first.entry("empty"))) == b""
+    report = check(reopened, read_data=True)
+    assert report.ok, report.problems
+    assert report.packs > 1 and report.blobs_verified > 0
+
+
+def test_add_file_keeps_content_and_attributes(lib_kloset, tmp_path: Path) -> None:
+    path = tmp_path / "f.bin"
+    data = seeded_bytes(3, 700_000)
+    path.write_bytes(data)
+    os.chmod(path, 0o640)
+    writer = lib_kloset.writer(kind="files")
+    writer.add_file("f.bin", str(path))
+    writer.add_file("dir", str(tmp_path))
+    snap = writer.commit()
+    entry = lib_kloset.resolve(snap.id).entry("f.bin")
+    assert entry.type == "file" and entry.mode == 0o640 and entry.size == len(data)
+    assert b"".join(lib_kloset.read_entry(snap, entry)) == data
+    assert lib_kloset.resolve(snap.id).entry("dir").type == "dir"
+
+
+# ------------------------------------------------------------------ 2 GiB through the CLI
+
+BIG_SIZE = 2 * GiB
+RSS_LIMIT = 200 * MiB
+
+
+@pytest.mark.slow
+def test_two_gib_stream_round_trip_with_flat_memory(cli_kloset, popen_cli, tmp_path: Path,
+                                                    record_property) -> None:
+    hash_file = tmp_path / "produced.b3"
+    backup_rss, cat_rss = tmp_path / "backup.rss", tmp_path / "cat.rss"
+    producer = subprocess.Popen(producer_command(2024, BIG_SIZE, hash_file), stdout=subprocess.PIPE,
+                                start_new_session=True)
+    start = time.monotonic()
+    backup = popen_cli("backup", "stream", "--name", "big.bin", "--json",
+                       command=measured_command(backup_rss, CLI), stdin=producer.stdout,
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    producer.stdout.close()
+    out, err = backup.communicate(timeout=600)
+    backup_seconds = time.monotonic() - start
+    assert producer.wait(timeout=60) == 0
+    assert backup.returncode == 0, err.decode()
+    result = json.loads(out)
+    assert result["logical_bytes"] == BIG_SIZE
+
+    start = time.monotonic()
+    cat = popen_cli("cat", "latest", command=measured_command(cat_rss, CLI),
+                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    hasher = blake3.blake3()
+    restored = 0
+    while block := cat.stdout.read(4 * MiB):
+        hasher.update(block)
+        restored += len(block)
+    assert cat.wait(timeout=60) == 0, cat.stderr.read().decode()
+    cat_seconds = time.monotonic() - start
+    assert restored == BIG_SIZE
+    assert hasher.hexdigest() == hash_file.read_text()
+
+    figures = {
+        "backup_mb_per_s": round(BIG_SIZE / 1e6 / backup_seconds, 1),
+        "backup_peak_rss_mib": round(int(backup_rss.read_text()) / MiB, 1),
+        "restore_mb_per_s": round(BIG_SIZE / 1e6 / cat_seconds, 1),
+        "restore_peak_rss_mib": round(int(cat_rss.read_text()) / MiB, 1),
+        "stored_bytes": result["stored_bytes"],
+    }
+    for k, v in figures.items():
+        record_property(k, v)
+    print(f"\n2 GiB stream: {figures}")
+    assert int(backup_rss.read_text()) < RSS_LIMIT, figures
+    assert int(cat_rss.read_text()) < RSS_LIMIT, figures
