@@ -105,7 +105,7 @@ class FilesystemBackend(Backend):
             raise StorageError(f"cannot delete {name}: {exc.strerror}") from None
 
     def list(self, prefix: str) -> Iterator[ObjectInfo]:
-        folder, _, stem = prefix.rpartition("/")
+        folder, _, _stem = prefix.rpartition("/")
         base = self.root / folder if folder else self.root
         if not base.is_dir():
             return
@@ -122,13 +122,14 @@ class FilesystemBackend(Backend):
                 except FileNotFoundError:
                     continue
                 yield ObjectInfo(rel.replace(os.sep, "/"), size)
-        del stem
 
     def stat(self, name: str) -> ObjectInfo:
         try:
             return ObjectInfo(name, self._path(name).stat().st_size)
         except FileNotFoundError:
             raise ObjectNotFound(f"{name} not found in {self.url}") from None
+        except OSError as exc:
+            raise StorageError(f"cannot stat {name}: {exc.strerror}") from None
 
     def leftover_temporaries(self) -> Iterator[Path]:
         """Temporary files of killed writers (prune removes old ones)."""
