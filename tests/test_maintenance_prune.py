@@ -7,6 +7,7 @@ import time
 from datetime import UTC, datetime, timedelta
 
 from pgkloset_core.kloset.pack import pack_name
+from pgkloset_core.kloset.prune import prune as run_prune
 from pgkloset_core.kloset.prune import read_pending
 from pgkloset_core.kloset.reader import iter_refs_of
 from tests.test_maintenance_common import (
@@ -19,6 +20,8 @@ from tests.test_maintenance_common import (
 )
 
 PACK = 1 * MiB
+SLACK = 64 * 1024  # pack headers, encryption overhead and a snapshot's chunk list
+HOUR = 3600.0
 
 
 def fill(repo: Repo, count: int, size: int = 2 * MiB) -> dict[str, bytes]:
@@ -69,18 +72,25 @@ def test_repack_keeps_used_blobs_of_mostly_unused_packs(tmp_path) -> None:
     kloset = repo.open()
     snap = kloset.resolve(gone)
     lengths = [n for _id, n in iter_refs_of(kloset, snap, snap.entries[0])]
-    assert len(lengths) >= 6
-    kept_data = data[: sum(lengths[:2])]  # ends on a chunk boundary: both chunks deduplicate
-    kept = repo.backup("t", kept_data)
+    # Chunk boundaries are keyed per kloset: sizes come from the refs, never assumed.
+    # max_chunk (1 MiB) guarantees >= 3 chunks, so two kept leave >= 1/3 unused (> 0.25).
+    assert len(lengths) >= 3 and sum(lengths) == len(data)
+    kept_size = sum(lengths[:2])
+    assert len(data) - kept_size > 0.25 * len(data)
+    kept_data = data[:kept_size]  # ends on a chunk boundary: both chunks deduplicate
+    kept_backup = repo.json("backup", "stream", "--name", "t", input=kept_data)
+    kept = kept_backup["snapshot_id"]
+    assert kept_backup["stored_bytes"] < SLACK, "both chunks were deduplicated"
     assert repo.json("snapshots")[-1]["id"] == kept
     repo.run("forget", gone)
     assert prune(repo, "--grace", "0", "--max-repack-ratio", "1")["blobs_repacked"] == 0
 
     report = prune(repo, "--grace", "0", "--max-repack-ratio", "0.25")
-    assert report["packs_repacked"] == 1 and report["blobs_repacked"] >= 1
+    assert report["packs_repacked"] == 1 and report["blobs_repacked"] == 2
     assert report["packs_written"] == 1 and report["packs_deleted"] == 1
-    assert report["bytes_freed"] > 3 * MiB
-    assert disk_usage(repo.path / "data") < MiB
+    assert report["bytes_freed"] > len(data)
+    # Only the two kept chunks (and the kept snapshot's own pack) remain.
+    assert kept_size <= disk_usage(repo.path / "data") < kept_size + SLACK
     assert repo.cat(kept) == kept_data
     repo.check_read_data()
 
@@ -88,23 +98,37 @@ def test_repack_keeps_used_blobs_of_mostly_unused_packs(tmp_path) -> None:
 def test_grace_period_spans_prunes(tmp_path) -> None:
     repo = make_repo(tmp_path / "k", pack_size=PACK)
     made = fill(repo, 3)
-    old = sorted(made)[:1]
-    repo.run("forget", *old)
+    # The newest backup's packs hold only its own blobs: forgetting it makes them wholly
+    # unused, so nothing is repacked (the oldest one's packs also hold the shared half).
+    old = list(made)[-1]
+    repo.run("forget", old)
     packs_before = repo.names("data")
 
-    first = prune(repo, "--grace", "3s")
+    # A grace period no slow machine can outlast between two prunes.
+    first = prune(repo, "--grace", "1h")
     assert first["packs_deleted"] == 0 and first["packs_waiting"] > 0
+    assert first["packs_repacked"] == 0
     assert repo.names("data") == packs_before
     pending, names = read_pending(repo.open())
     assert len(names) == 1 and len(pending) == first["packs_waiting"]
+    (since,) = set(pending.values())  # when the first prune saw them
     # Still inside the grace period: nothing goes, the clock is not restarted.
-    assert prune(repo, "--grace", "3s")["packs_deleted"] == 0
+    assert prune(repo, "--grace", "1h")["packs_deleted"] == 0
     assert read_pending(repo.open())[0] == pending
-    time.sleep(3.2)
-    last = prune(repo, "--grace", "3s")
-    assert last["packs_deleted"] == first["packs_waiting"]
+    # One second short of the grace period, by a clock given to prune: still nothing.
+    kloset = repo.open()
+    with kloset.lock(exclusive=True, operation="prune") as lock:
+        early = run_prune(kloset, lock, grace=HOUR, now=since + HOUR - 1)
+    assert early.packs_deleted == 0 and early.packs_waiting == first["packs_waiting"]
+    assert repo.names("data") == packs_before
+    assert read_pending(repo.open())[0] == pending
+    # Real time since the first prune now exceeds a shorter grace period: they go.
+    time.sleep(max(0.0, since + 2.5 - time.time()))
+    last = prune(repo, "--grace", "2s")
+    assert last["packs_deleted"] == first["packs_waiting"] and last["packs_waiting"] == 0
+    assert len(repo.names("data")) == len(packs_before) - last["packs_deleted"]
     assert repo.names("pending") == []
-    for sid in set(made) - set(old):
+    for sid in set(made) - {old}:
         assert repo.cat(sid) == made[sid]
     repo.check_read_data()
 
