@@ -47,21 +47,31 @@ pass_app = click.make_pass_decorator(AppContext)
 def read_passphrase(*, new: bool = False, confirm: bool = False) -> str:
     """From PGKLOSET_[NEW_]PASSPHRASE, PGKLOSET_[NEW_]PASSPHRASE_FILE, or a prompt."""
     prefix = "PGKLOSET_NEW_PASSPHRASE" if new else "PGKLOSET_PASSPHRASE"
+    value = passphrase_from_env(prefix)
+    if value is not None:
+        return value
+    return _prompt(prefix, "new passphrase" if new else "passphrase", confirm)
+
+
+def passphrase_from_env(prefix: str) -> str | None:
+    """``$PREFIX``, else the first line of the file named by ``$PREFIX_FILE``, else None."""
     value = os.environ.get(prefix)
     if value:
         return value
     path = os.environ.get(f"{prefix}_FILE")
-    if path:
-        try:
-            with open(path, encoding="utf-8") as f:
-                text = f.read()
-        except OSError as exc:
-            raise UsageError(f"cannot read {prefix}_FILE {path}: {exc.strerror}") from None
-        value = text.splitlines()[0] if text else ""
-        if not value:
-            raise UsageError(f"{prefix}_FILE {path} is empty")
-        return value
-    return _prompt(prefix, "new passphrase" if new else "passphrase", confirm)
+    if not path:
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as exc:
+        raise UsageError(f"cannot read {prefix}_FILE {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"{prefix}_FILE {path} is not UTF-8 text") from None
+    value = text.splitlines()[0] if text else ""
+    if not value:
+        raise UsageError(f"{prefix}_FILE {path} is empty")
+    return value
 
 
 def _prompt(prefix: str, label: str, confirm: bool) -> str:

@@ -22,6 +22,7 @@ from pgkloset_core.errors import CorruptObject, LockError
 from pgkloset_core.kloset.crypto import MasterKey
 from pgkloset_core.kloset.keys import _username
 from pgkloset_core.kloset.sealed import KIND_LOCK, seal_json, unseal_json
+from pgkloset_core.procs import pid_alive
 from pgkloset_core.storage.base import Backend, StorageError
 
 LOCKS_PREFIX = "locks/"
@@ -56,29 +57,12 @@ class LockInfo:
         now = time.time() if now is None else now
         if now - self.refreshed > timing.stale_after:
             return True
-        return self.hostname == socket.gethostname() and not _pid_alive(self.pid)
+        return self.hostname == socket.gethostname() and not pid_alive(self.pid)
 
     def describe(self) -> str:
         kind = "exclusive" if self.exclusive else "shared"
         since = datetime.fromtimestamp(self.created, UTC).isoformat(timespec="seconds")
         return f"{kind} lock by {self.operation} (pid {self.pid} on {self.hostname}, since {since})"
-
-
-def _pid_alive(pid: int) -> bool:
-    if not 0 < pid < 2**31:  # no such process (and os.kill would signal a group, or overflow)
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie still answers kill(0); treat it as dead.
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().split(b") ", 1)[1][:1] != b"Z"
-    except (OSError, IndexError):
-        return True
 
 
 def read_locks(backend: Backend, master: MasterKey) -> list[LockInfo]:

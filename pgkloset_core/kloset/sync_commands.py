@@ -17,6 +17,7 @@ from pgkloset_core.cli_common import (
     emit_json,
     human_bytes,
     pass_app,
+    passphrase_from_env,
     read_passphrase,
 )
 from pgkloset_core.errors import UsageError, WrongPassphrase
@@ -30,21 +31,7 @@ TO_PASSPHRASE = "PGKLOSET_TO_PASSPHRASE"
 
 def destination_passphrase() -> str | None:
     """From PGKLOSET_TO_PASSPHRASE or PGKLOSET_TO_PASSPHRASE_FILE; None when neither is set."""
-    value = os.environ.get(TO_PASSPHRASE)
-    if value:
-        return value
-    path = os.environ.get(f"{TO_PASSPHRASE}_FILE")
-    if not path:
-        return None
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except OSError as exc:
-        raise UsageError(f"cannot read {TO_PASSPHRASE}_FILE {path}: {exc.strerror}") from None
-    value = text.splitlines()[0] if text else ""
-    if not value:
-        raise UsageError(f"{TO_PASSPHRASE}_FILE {path} is empty")
-    return value
+    return passphrase_from_env(TO_PASSPHRASE)
 
 
 @click.command("sync")

@@ -45,6 +45,7 @@ from pgkloset_core.postgres.pgenv import (
     ToolProcess,
     tool_env,
 )
+from pgkloset_core.procs import pid_alive
 
 KIND = "physical"
 CLUSTER_DATABASE = "*cluster*"  # meta["database"] of a physical snapshot: all of them
@@ -485,15 +486,6 @@ def _server_owner() -> tuple[int, int] | None:
     return entry.pw_uid, entry.pw_gid
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
 
 def _check_target(target: Path, partial: Path, force: bool) -> bool:
     """Refuse unusable targets before writing; True when the target must be replaced."""
@@ -504,7 +496,7 @@ def _check_target(target: Path, partial: Path, force: bool) -> bool:
     if pidfile.is_file():
         with contextlib.suppress(OSError, ValueError, IndexError):
             pid = int(pidfile.read_text().split()[0])
-            if _pid_alive(pid):
+            if pid_alive(pid):
                 raise PhysicalRestoreError(
                     f"a PostgreSQL server (pid {pid}) is running on {target}; stop it first")
     if contents and not force:
