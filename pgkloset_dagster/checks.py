@@ -92,8 +92,9 @@ def _drill_one(context: Any, plan: ServerPlan, info: naming.AssetInfo, kres: Klo
             kloset = kres.open()
             snap = kloset.resolve(sid)
             database = snap.meta.get("database") if snap.kind == "logical" else None
+            # A check naming no database runs in the drilled one (it used to never run).
             checks = [SqlCheck(c.name, c.sql, c.database) for c in plan.server.sql_checks
-                      if snap.kind == "physical" or c.database == database]
+                      if snap.kind == "physical" or c.database in (None, database)]
             return run_drill(kloset, snap, sql_checks=checks, isolate=plan.server.drill_isolate,
                              log=log, lock_wait=kres.lock_wait)
 

@@ -125,7 +125,7 @@ def _convert(node: yaml.Node) -> _Node:
         out: dict[str, _Node] = {}
         keys: dict[str, int] = {}
         for key_node, value_node in node.value:
-            key = str(yaml.safe_load(yaml.serialize(key_node)))
+            key = str(_scalar(key_node))
             if key in out:
                 raise ConfigError(f"line {key_node.start_mark.line + 1}: key {key!r} given twice "
                                   f"(first on line {keys[key]})")
@@ -134,7 +134,16 @@ def _convert(node: yaml.Node) -> _Node:
         return _Node(out, line)
     if isinstance(node, yaml.SequenceNode):
         return _Node([_convert(n) for n in node.value], line)
-    return _Node(yaml.safe_load(yaml.serialize(node)), line)
+    return _Node(_scalar(node), line)
+
+
+def _scalar(node: yaml.Node) -> Any:
+    """A node's value; unknown tags and invalid dates are errors of the file, not tracebacks."""
+    try:
+        return yaml.safe_load(yaml.serialize(node))
+    except (yaml.YAMLError, ValueError, TypeError, RecursionError) as exc:
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"line {node.start_mark.line + 1}: {problem}") from None
 
 
 class _Invalid(Exception):
@@ -281,6 +290,9 @@ def parse_config(text: str, source: str = CONFIG_NAME) -> PgKlosetConfig:
         tree = _convert(root) if root is not None else _Node({}, 1)
     except ConfigError as exc:
         raise ConfigError(f"{source}:{str(exc).removeprefix('line ')}") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: not valid YAML: an alias refers to itself "
+                          "(or the nesting is too deep)") from None
     return build_config(tree, source)
 
 

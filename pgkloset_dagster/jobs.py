@@ -142,11 +142,14 @@ def restore_job(klosets: Sequence[str], servers: Sequence[str]) -> dg.JobDefinit
                 from psycopg.conninfo import make_conninfo
 
                 dsn_text = make_conninfo(dsn_text, password=dsn.password)
-            return restore_logical(kl, snap, dsn_text, create=config.create, clean=config.clean,
-                                   schemas=config.schemas, tables=config.tables,
-                                   schema_only=config.schema_only, data_only=config.data_only,
-                                   no_owner=config.no_owner, bin_dir=sres.bin_dir, log=log,
-                                   cancel=cancel)
+            kl.prepare_read(snap)  # cold storage: thaw the packs the restore reads
+            # Shared lock, as the CLI takes: a prune must not delete packs mid-restore.
+            with kl.lock(exclusive=False, operation="restore", wait=kres.lock_wait):
+                return restore_logical(kl, snap, dsn_text, create=config.create,
+                                       clean=config.clean, schemas=config.schemas,
+                                       tables=config.tables, schema_only=config.schema_only,
+                                       data_only=config.data_only, no_owner=config.no_owner,
+                                       bin_dir=sres.bin_dir, log=log, cancel=cancel)
 
         result = run_cancellable(context, "restore", work)
         return dg.Output(result.snapshot_id, metadata={

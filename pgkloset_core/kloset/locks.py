@@ -23,7 +23,7 @@ from pgkloset_core.kloset.crypto import MasterKey
 from pgkloset_core.kloset.keys import _username
 from pgkloset_core.kloset.sealed import KIND_LOCK, seal_json, unseal_json
 from pgkloset_core.procs import pid_alive
-from pgkloset_core.storage.base import Backend, StorageError
+from pgkloset_core.storage.base import Backend, ObjectNotFound, StorageError
 
 LOCKS_PREFIX = "locks/"
 
@@ -75,8 +75,12 @@ def read_locks(backend: Backend, master: MasterKey) -> list[LockInfo]:
                          str(doc["username"]), str(doc["operation"]), float(doc["created"]),
                          float(doc["refreshed"]))
             )
-        except (StorageError, CorruptObject, KeyError, TypeError, ValueError, OverflowError):
-            continue  # vanished meanwhile or unreadable: not a lock we can honour
+        except ObjectNotFound:
+            continue  # released meanwhile
+        except (CorruptObject, KeyError, TypeError, ValueError, OverflowError):
+            continue  # damaged: not a lock we can honour
+        # Any other StorageError propagates: a lock we failed to read may well be held,
+        # and taking ours anyway (say, prune's exclusive one) would break the holder.
     return infos
 
 

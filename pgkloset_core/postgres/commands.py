@@ -16,7 +16,7 @@ from typing import Any
 import click
 
 from pgkloset_core.cli_common import AppContext, byte_progress, emit_json, human_bytes, pass_app
-from pgkloset_core.errors import UsageError
+from pgkloset_core.errors import KlosetError, UsageError
 from pgkloset_core.postgres.pgenv import DSN_ENV
 
 RESTORE_DSN_ENV = "PGKLOSET_RESTORE_DSN"
@@ -138,11 +138,17 @@ def restore_cmd(app: AppContext, snapshot: str, verbose: bool, as_json: bool,
         if not opts["to_dir"]:
             raise UsageError("restoring a physical snapshot needs --to-dir DIR")
         physical = importlib.import_module("pgkloset_core.postgres.physical")
-        with kloset.lock(exclusive=False, operation="restore", wait=app.lock_wait), \
-                byte_progress(f"restore {snap.short_id}") as progress:
-            result = physical.restore_physical(
-                kloset, snap, to_dir=opts["to_dir"], force=opts["force"], pg_bin=opts["pg_bin"],
-                start=opts["start"], port=opts["port"], progress=progress)
+        try:
+            with kloset.lock(exclusive=False, operation="restore", wait=app.lock_wait), \
+                    byte_progress(f"restore {snap.short_id}") as progress:
+                result = physical.restore_physical(
+                    kloset, snap, to_dir=opts["to_dir"], force=opts["force"],
+                    pg_bin=opts["pg_bin"], start=opts["start"], port=opts["port"],
+                    progress=progress)
+        except OSError as exc:  # permission denied, disk full, read-only file system ...
+            where = f" ({exc.filename})" if exc.filename else ""
+            raise KlosetError(f"cannot restore into {opts['to_dir']}: "
+                              f"{exc.strerror or exc}{where}") from None
         if as_json:
             emit_json(result if isinstance(result, dict) else getattr(result, "__dict__",
                                                                       str(result)))

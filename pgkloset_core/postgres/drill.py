@@ -11,7 +11,8 @@ would see) and reports everything as a `DrillReport` for the CLI and Dagster.
 Everything the drill creates lives in one private work directory that is
 deleted afterwards, also when a check fails, the restore raises, or the
 process receives SIGINT or SIGTERM (turned into `DrillInterrupted`, so
-cleanup runs before the process exits).
+cleanup runs before the process exits). A SIGKILL allows no cleanup: the
+directory records its owner, and the next drill's `sweep_stale()` removes it.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from pgkloset_core.kloset.snapshot import Snapshot
 from pgkloset_core.postgres.binaries import NoSuitableBinaries, PgBinaries, find_binaries
 from pgkloset_core.postgres.facts import database_facts
 from pgkloset_core.postgres.instance import (
+    DRILL_DIR_PREFIX,
     Instance,
     InstanceOptions,
     InstanceProvider,
@@ -43,10 +45,12 @@ from pgkloset_core.postgres.instance import (
     LocalInstanceProvider,
     OsUser,
     _traversable_by,
+    mark_owner,
+    sweep_stale,
 )
 
 Log = Callable[[str], None]
-DRILL_PREFIX = "pgkloset-drill-"
+DRILL_PREFIX = DRILL_DIR_PREFIX
 DRILLABLE_KINDS = ("logical", "physical")
 
 
@@ -93,6 +97,8 @@ class SqlCheck:
             text = p.read_text(encoding="utf-8")
         except OSError as exc:
             raise DrillError(f"cannot read SQL check {p}: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise DrillError(f"SQL check {p} is not UTF-8 text") from None
         if not text.strip():
             raise DrillError(f"SQL check {p} is empty")
         database = None
@@ -188,6 +194,9 @@ def run_drill(kloset: Kloset, snapshot: Snapshot | str, *, database: str | None 
     prov = provider or LocalInstanceProvider(bin_dir=bin_dir)
     started = time.monotonic()
     user = prov.user if isinstance(prov, LocalInstanceProvider) else None
+    # Leftovers of drills (and scratch servers) whose process was SIGKILLed.
+    for stale in sweep_stale(Path(work_dir or tempfile.gettempdir()).absolute()):
+        say(f"removed {stale}, left by a process that died")
     with _SignalGuard() as guard:
         base: Path | None = None
         scratch: _Scratch | None = None
@@ -461,12 +470,19 @@ def _wait_gone(instance: LocalInstance, seconds: float = 15.0) -> None:
 def _make_work_dir(parent: str | os.PathLike[str] | None, user: OsUser | None) -> Path:
     """A private directory for everything the drill writes (removed by run_drill)."""
     where = Path(parent or tempfile.gettempdir()).absolute()
-    where.mkdir(parents=True, exist_ok=True)
+    try:
+        where.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DrillError(f"cannot create work directory {where}: {exc.strerror}") from None
     if user is not None and not _traversable_by(where, user):
         raise DrillError(f"OS user {user.name} (who runs the scratch server) cannot enter "
                          f"{where}; choose a work directory it can reach")
-    path = Path(tempfile.mkdtemp(prefix=DRILL_PREFIX, dir=where))
+    try:
+        path = Path(tempfile.mkdtemp(prefix=DRILL_PREFIX, dir=where))
+    except OSError as exc:
+        raise DrillError(f"cannot create a directory in {where}: {exc.strerror}") from None
     os.chmod(path, 0o711)  # the server's OS user must traverse it, not list it
+    mark_owner(path)  # after a SIGKILL, the next drill's sweep_stale() removes it
     return path
 
 

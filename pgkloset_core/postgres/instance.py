@@ -10,7 +10,8 @@ Cleanup is the point: `stop()` is idempotent and kills by pid when a polite
 shutdown fails; live instances are stopped at interpreter exit and on
 SIGINT/SIGTERM (chaining to the previous handlers); the postmaster gets a
 parent-death signal so it dies with the process that started it; and
-`sweep_stale()` removes directories left by processes that were SIGKILLed.
+`sweep_stale()` removes directories (scratch instances' and drills') left by
+processes that were SIGKILLed.
 
 `InstanceProvider` is the interface a Docker-backed provider can implement;
 `LocalInstanceProvider` runs the binaries found on this machine.
@@ -47,6 +48,7 @@ from pgkloset_core.postgres.binaries import PgBinaries, find_binaries
 
 StopMode = Literal["smart", "fast", "immediate"]
 DIR_PREFIX = "pgkloset-pg-"
+DRILL_DIR_PREFIX = "pgkloset-drill-"  # a drill's work directory (drill.py), swept alike
 _OWNER_FILE = "owner"
 _STOP_SIGNALS = {"smart": signal.SIGTERM, "fast": signal.SIGINT, "immediate": signal.SIGQUIT}
 
@@ -442,20 +444,33 @@ def _install_handlers() -> None:
         signal.signal(signum, _on_signal)
 
 
+def mark_owner(path: Path) -> None:
+    """Record this process (pid and start time) as the creator of a scratch directory."""
+    (path / _OWNER_FILE).write_text(_process_identity(os.getpid()) or "")
+
+
+def _server_runs_in(path: Path) -> bool:
+    """A live postmaster in the directory's data dir, or in a scratch instance nested in it."""
+    for data in (path / "data", *path.glob(f"{DIR_PREFIX}*/data")):
+        info = _pidfile(data)
+        if info and _pid_alive(info[0]):
+            return True
+    return False
+
+
 def sweep_stale(base_dir: str | os.PathLike[str] | None = None) -> list[Path]:
-    """Delete scratch directories whose creating process died (e.g. SIGKILL)."""
+    """Delete scratch and drill directories whose creating process died (e.g. SIGKILL)."""
     parent = Path(base_dir or tempfile.gettempdir())
     removed = []
-    for path in parent.glob(f"{DIR_PREFIX}*"):
+    for path in sorted([*parent.glob(f"{DIR_PREFIX}*"), *parent.glob(f"{DRILL_DIR_PREFIX}*")]):
         try:
             owner = (path / _OWNER_FILE).read_text().strip()
         except OSError:
-            continue
+            continue  # not ours, or its creator has not marked it yet
         pid = int(owner.split()[0]) if owner.split() and owner.split()[0].isdigit() else -1
         if pid > 0 and _process_identity(pid) == owner:
             continue  # its creator still runs
-        info = _pidfile(path / "data")
-        if info and _pid_alive(info[0]):
+        if _server_runs_in(path):
             continue  # a server still runs there: not ours to kill blindly
         shutil.rmtree(path, ignore_errors=True)
         removed.append(path)
@@ -636,7 +651,7 @@ class LocalInstanceProvider(InstanceProvider):
     def _make_base(self, options: InstanceOptions) -> Path:
         parent = Path(options.base_dir or tempfile.gettempdir())
         base = Path(tempfile.mkdtemp(prefix=DIR_PREFIX, dir=parent))
-        (base / _OWNER_FILE).write_text(_process_identity(os.getpid()) or "")
+        mark_owner(base)
         (base / "sock").mkdir(mode=0o700)
         for path in (base, base / "sock"):
             os.chown(path, self.user.uid, self.user.gid)
@@ -678,9 +693,10 @@ class LocalInstanceProvider(InstanceProvider):
             cmd.append("--data-checksums")
         if opts.password is not None:
             pwfile = instance.base / "pwfile"
-            pwfile.write_text(opts.password + "\n")
+            fd = os.open(pwfile, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # never readable
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(opts.password + "\n")
             os.chown(pwfile, self.user.uid, self.user.gid)
-            pwfile.chmod(0o600)
             cmd.append(f"--pwfile={pwfile}")
         try:
             self._run_owner(cmd, instance.base, "initdb")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import tempfile
@@ -64,9 +65,15 @@ class ConnTarget:
         try:
             params = {k: str(v) for k, v in conninfo_to_dict(text).items() if v is not None}
         except psycopg.ProgrammingError as exc:
-            # The message may quote the DSN: keep only libpq's reason, never the text.
-            reason = str(exc).split(":")[0]
+            # The message may quote part of the DSN (a password token): keep only libpq's
+            # reason, without any quoted text, on one line.
+            reason = re.sub(r'\s*"[^"]*"', "", str(exc).split(":")[0]).strip()
             raise UsageError(f"invalid connection string ({reason})") from None
+        if "sslpassword" in params:
+            # libpq has no environment variable for it, so it would reach the tools' argv.
+            raise UsageError("a DSN with sslpassword is refused: it would be visible in the "
+                             "process list; use an unencrypted client key with restricted "
+                             "permissions instead")
         password = params.pop("password", None)
         return cls(params=params, password=password)
 

@@ -112,10 +112,17 @@ class _Archive:
         self.progress = progress
         self.path: Path | None = None
         self._tmp: Path | None = None
-        if snap.meta.get("format") == "directory":
-            self._materialize_dir()
-        elif spool:
-            self._spool()
+        try:
+            if snap.meta.get("format") == "directory":
+                self._materialize_dir()
+            elif spool:
+                self._spool()
+        except BaseException as exc:
+            self.close()  # no half-written dump left in TMPDIR (the `with` never started)
+            if isinstance(exc, OSError):
+                raise RestoreFailed(f"cannot write the dump to a temporary directory: "
+                                    f"{exc.strerror or exc}") from None
+            raise
 
     def _tmpdir(self) -> Path:
         if self._tmp is None:

@@ -107,9 +107,13 @@ class FilesystemBackend(Backend):
     def list(self, prefix: str) -> Iterator[ObjectInfo]:
         folder, _, _stem = prefix.rpartition("/")
         base = self.root / folder if folder else self.root
-        if not base.is_dir():
-            return
-        for dirpath, _dirs, files in os.walk(base):
+        try:
+            if not base.is_dir():
+                return
+        except OSError as exc:
+            raise StorageError(f"cannot list {prefix or '/'}: {exc.strerror}") from None
+        # An unreadable folder must not look empty: prune would take its objects for garbage.
+        for dirpath, _dirs, files in os.walk(base, onerror=_raise_unless_gone):
             rel_dir = os.path.relpath(dirpath, self.root)
             for fname in files:
                 if TMP_MARK in fname:
@@ -137,6 +141,11 @@ class FilesystemBackend(Backend):
             for fname in files:
                 if TMP_MARK in fname:
                     yield Path(dirpath) / fname
+
+
+def _raise_unless_gone(exc: OSError) -> None:
+    if not isinstance(exc, FileNotFoundError):
+        raise StorageError(f"cannot list {exc.filename}: {exc.strerror}")
 
 
 def _unlink_quietly(path: Path) -> None:
