@@ -311,22 +311,12 @@ def select_toc(items: list[TocItem], *, schemas: Iterable[str], tables: Iterable
                 item.tag_is(f"SCHEMA {s}") for s in schemas):
             keep.append(item.line)
             continue
-        if item.schema in schemas:
-            if item.desc == "FK CONSTRAINT" and not _fk_ok(item, objects, schemas,
-                                                            chosen_names, target_tables,
-                                                            warnings):
-                continue
+        chosen = item.schema in schemas or any(
+            item.schema == schema and _belongs(item, table, objects.get(f"{schema}.{table}", {}))
+            for schema, table in chosen_tables)
+        if chosen and (item.desc != "FK CONSTRAINT" or _fk_ok(
+                item, objects, schemas, chosen_names, target_tables, warnings)):
             keep.append(item.line)
-            continue
-        for schema, table in chosen_tables:
-            if item.schema == schema and _belongs(item, table, objects.get(f"{schema}.{table}",
-                                                                           {})):
-                if item.desc == "FK CONSTRAINT" and not _fk_ok(item, objects, schemas,
-                                                                chosen_names, target_tables,
-                                                                warnings):
-                    break
-                keep.append(item.line)
-                break
     return keep, warnings
 
 

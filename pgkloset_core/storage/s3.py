@@ -416,14 +416,17 @@ class S3Backend(Backend):
                 return
             args["ContinuationToken"] = page["NextContinuationToken"]
 
-    def stat(self, name: str) -> ObjectInfo:
+    def _head(self, name: str) -> dict[str, Any]:
+        """HEAD of one object; a missing bucket is told apart from a missing object."""
         key = self._key(name)
         try:
-            resp = self._call("stat", name, lambda: self._client.head_object(Bucket=self.opts.bucket, Key=key))
+            return self._call("stat", name, lambda: self._client.head_object(Bucket=self.opts.bucket, Key=key))
         except ObjectNotFound:
             self._check_bucket()
             raise
-        return ObjectInfo(name, int(resp["ContentLength"]))
+
+    def stat(self, name: str) -> ObjectInfo:
+        return ObjectInfo(name, int(self._head(name)["ContentLength"]))
 
     # -- cold storage --------------------------------------------------------
 
@@ -433,12 +436,7 @@ class S3Backend(Backend):
         return True
 
     def cold_state(self, name: str) -> tuple[str, int]:
-        key = self._key(name)
-        try:
-            resp = self._call("stat", name, lambda: self._client.head_object(Bucket=self.opts.bucket, Key=key))
-        except ObjectNotFound:
-            self._check_bucket()
-            raise
+        resp = self._head(name)
         size = int(resp["ContentLength"])
         archived = resp.get("StorageClass") in ARCHIVE_CLASSES or bool(resp.get("ArchiveStatus"))
         if not archived:
