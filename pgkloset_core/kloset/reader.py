@@ -8,8 +8,9 @@ Every blob is authenticated and re-hashed before a single byte is yielded.
 from __future__ import annotations
 
 import io
+import itertools
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
@@ -20,6 +21,7 @@ if TYPE_CHECKING:
     from pgkloset_core.kloset.repository import Kloset
 
 READ_AHEAD = 8
+Parts = tuple[slice, ...] | None  # the parts of a chunk to yield; None: all of it
 
 
 def iter_refs_of(kloset: Kloset, snapshot: Snapshot, entry: Entry) -> Iterator[tuple[bytes, int]]:
@@ -34,33 +36,78 @@ def iter_refs_of(kloset: Kloset, snapshot: Snapshot, entry: Entry) -> Iterator[t
 
 
 def iter_entry(kloset: Kloset, snapshot: Snapshot, entry: Entry, *,
-               read_ahead: int = READ_AHEAD) -> Iterator[bytes]:
-    """The entry's bytes, chunk by chunk; raises CorruptObject rather than yield wrong data."""
-    total = 0
+               read_ahead: int = READ_AHEAD,
+               ranges: Sequence[tuple[int, int]] | None = None) -> Iterator[bytes]:
+    """The entry's bytes, chunk by chunk; raises CorruptObject rather than yield wrong data.
+
+    With ``ranges`` (sorted, disjoint ``(start, end)`` byte offsets) only the
+    chunks overlapping them are fetched, and only those bytes are yielded.
+    """
     where = f"snapshot {snapshot.short_id} entry {entry.name}"
+    wanted = _checked_ranges(ranges, entry.size) if ranges is not None else None
+    total = 0
     with ThreadPoolExecutor(max_workers=max(1, read_ahead // 2), thread_name_prefix="pgkloset-read") as pool:
-        window: deque[tuple[Future[bytes], int]] = deque()
-        refs = iter_refs_of(kloset, snapshot, entry)
+        window: deque[tuple[Future[bytes], int, Parts]] = deque()
+        refs = _pick(iter_refs_of(kloset, snapshot, entry), wanted)
         try:
             while True:
                 while len(window) < read_ahead:
                     ref = next(refs, None)
                     if ref is None:
                         break
-                    window.append((pool.submit(kloset.read_blob, ref[0]), ref[1]))
+                    window.append((pool.submit(kloset.read_blob, ref[0]), ref[1], ref[2]))
                 if not window:
                     break
-                fut, length = window.popleft()
+                fut, length, part = window.popleft()
                 data = fut.result()
                 if len(data) != length:
                     raise CorruptObject(where, f"chunk of {len(data)} bytes, expected {length}")
-                total += length
-                yield data
+                if part is None:
+                    total += length
+                    yield data
+                else:
+                    piece = data[part[0]] if len(part) == 1 else b"".join(data[p] for p in part)
+                    total += len(piece)
+                    yield piece
         finally:
-            for fut, _ in window:
+            for fut, _, _ in window:
                 fut.cancel()
-    if total != entry.size:
+    if wanted is None and total != entry.size:
         raise CorruptObject(where, f"{total} bytes, expected {entry.size}")
+    if wanted is not None and total != sum(end - start for start, end in wanted):
+        raise CorruptObject(where, f"chunk list ends before byte {wanted[-1][1]}")
+
+
+def _checked_ranges(ranges: Sequence[tuple[int, int]], size: int) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for start, end in ranges:
+        if not 0 <= start < end <= size or (out and start < out[-1][1]):
+            raise ValueError(f"byte ranges must be sorted, disjoint and within {size} bytes")
+        out.append((start, end))
+    return out
+
+
+def _pick(refs: Iterator[tuple[bytes, int]], wanted: list[tuple[int, int]] | None,
+          ) -> Iterator[tuple[bytes, int, Parts]]:
+    """The chunks to fetch, each with the parts of it to yield (None: all of it)."""
+    if wanted is None:
+        for blob_id, length in refs:
+            yield blob_id, length, None
+        return
+    pos = 0
+    todo = deque(wanted)
+    for blob_id, length in refs:
+        end = pos + length
+        while todo and todo[0][1] <= pos:
+            todo.popleft()
+        if not todo:
+            return
+        parts = tuple(slice(max(a, pos) - pos, min(b, end) - pos)
+                      for a, b in itertools.takewhile(lambda r, end=end: r[0] < end, todo))
+        if parts:
+            whole = len(parts) == 1 and parts[0] == slice(0, length)
+            yield blob_id, length, None if whole else parts
+        pos = end
 
 
 class EntryReader(io.RawIOBase):

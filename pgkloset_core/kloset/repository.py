@@ -11,7 +11,7 @@ import contextlib
 import json
 import os
 import secrets
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -318,10 +318,12 @@ class Kloset:
         stored = self.backend.read_range(name, loc.offset, loc.length)
         return open_blob(self.master, loc.salt, loc.blob_type, blob_id, stored, name)
 
-    def read_entry(self, snapshot: Snapshot, entry: Entry) -> Iterator[bytes]:
+    def read_entry(self, snapshot: Snapshot, entry: Entry,
+                   ranges: Sequence[tuple[int, int]] | None = None) -> Iterator[bytes]:
+        """The entry's bytes; with ``ranges``, only those (start, end) byte ranges."""
         from pgkloset_core.kloset.reader import iter_entry
 
-        return iter_entry(self, snapshot, entry)
+        return iter_entry(self, snapshot, entry, ranges=ranges)
 
     def prepare_read(self, snapshot: Snapshot, entries: list[Entry] | None = None, *,
                      wait: bool = True, poll_interval: float | None = None,

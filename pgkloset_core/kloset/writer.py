@@ -23,7 +23,7 @@ import stat
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any, BinaryIO, NamedTuple
@@ -197,10 +197,17 @@ class SnapshotWriter:
         refs.append(blob_id, length)
 
     def add_stream(self, name: str, stream: BinaryIO, *, entry_type: str = "stream",
-                   progress: Progress | None = None, **attrs: Any) -> Entry:
-        """Chunk and store everything ``stream`` yields until EOF."""
+                   progress: Progress | None = None,
+                   observe: Callable[[bytes], None] | None = None, **attrs: Any) -> Entry:
+        """Chunk and store everything ``stream`` yields until EOF.
+
+        ``observe`` sees every chunk in stream order (the dump scanner maps
+        pg_dump's archive this way without a second pass).
+        """
         self._check_open(name)
         chunks = (bytes(chunk.data) for chunk in self.chunker.cut_stream(stream))
+        if observe is not None:
+            chunks = _observed(chunks, observe)
         return self.add_chunks(name, chunks, entry_type=entry_type, progress=progress, **attrs)
 
     def add_chunks(self, name: str, chunks: Iterable[bytes | KnownChunk], *,
@@ -370,6 +377,12 @@ class _RefList:
         if self.count:
             self._spill()
         entry.lists = self.lists
+
+
+def _observed(chunks: Iterable[bytes], observe: Callable[[bytes], None]) -> Iterator[bytes]:
+    for chunk in chunks:
+        observe(chunk)
+        yield chunk
 
 
 def _current_user() -> str:

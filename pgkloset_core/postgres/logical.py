@@ -30,7 +30,9 @@ import psycopg
 
 from pgkloset_core.errors import KlosetError, UsageError
 from pgkloset_core.kloset.repository import Kloset
+from pgkloset_core.kloset.snapshot import Entry
 from pgkloset_core.postgres.binaries import NoSuitableBinaries, PgBinaries, find_binaries
+from pgkloset_core.postgres.dumpmap import DUMP_MAP_KEY, DumpScanner
 from pgkloset_core.postgres.facts import SnapshotSession, server_facts
 from pgkloset_core.postgres.pgenv import (
     BackupCancelled,
@@ -215,10 +217,13 @@ def _backup_database(kloset: Kloset, lock: Any, target: ConnTarget, db: str,
                                  target.conninfo()]
             if fmt == "custom":
                 argv = [client.path("pg_dump"), "-Fc", *common]
+                scanner = DumpScanner()
                 with ToolProcess(argv, env, what="pg_dump", stdout=-1, log=log,
                                  cancel=cancel) as tool:
-                    writer.add_stream(dump_entry_name(db), tool.stdout, progress=progress)
+                    entry = writer.add_stream(dump_entry_name(db), tool.stdout,
+                                              progress=progress, observe=scanner.feed)
                     tool.check()
+                _record_map(entry, scanner, log)
             else:
                 _dump_directory(writer, client, common, env, jobs, log, cancel, progress)
             found = facts.result()
@@ -234,6 +239,16 @@ def _backup_database(kloset: Kloset, lock: Any, target: ConnTarget, db: str,
         server_version=str(base_meta["pg_version"]),
         table_count=len(found["tables"]) + len(found["partitioned_tables"]),
         total_rows=int(found["total_rows"]), row_counts=dict(found["tables"]))
+
+
+def _record_map(entry: Entry, scanner: DumpScanner, log: Log | None) -> None:
+    """Keep where the dump's data blocks lie, so partial restores fetch only what they need."""
+    found = scanner.finish()
+    if found is not None:
+        entry.meta[DUMP_MAP_KEY] = found.to_json()
+    elif log is not None:
+        log(f"note: the dump's data blocks were not mapped ({scanner.failed}); "
+            "partial restores of this snapshot read the whole dump")
 
 
 def _dump_directory(writer: Any, client: PgBinaries, common: list[Any], env: dict[str, str],

@@ -40,6 +40,7 @@ from pgkloset_core.errors import KlosetError, SnapshotNotFound, UsageError
 from pgkloset_core.kloset.repository import Kloset
 from pgkloset_core.kloset.snapshot import Entry, Snapshot
 from pgkloset_core.postgres.binaries import PgBinaries
+from pgkloset_core.postgres.dumpmap import DUMP_MAP_KEY, DumpMap
 from pgkloset_core.postgres.logical import pick_client
 from pgkloset_core.postgres.pgenv import (
     ConnTarget,
@@ -103,7 +104,14 @@ def _dump_entry(snap: Snapshot) -> Entry:
 
 
 class _Archive:
-    """The dump on disk (spooled or directory) or streamed from the kloset."""
+    """The dump on disk (spooled or directory) or streamed from the kloset.
+
+    A custom-format dump whose data blocks were mapped at backup time
+    (dumpmap.py) is read selectively: the table of contents alone for
+    ``pg_restore -l``, and for a partial restore only the blocks it needs
+    (``select``). A spooled dump (``spool``, for ``pg_restore -j``) is written
+    on first use, after ``select``, so it too holds only what is needed.
+    """
 
     def __init__(self, kloset: Kloset, snap: Snapshot, *, spool: bool,
                  progress: Progress | None) -> None:
@@ -112,11 +120,16 @@ class _Archive:
         self.progress = progress
         self.path: Path | None = None
         self._tmp: Path | None = None
+        self._spool_wanted = False
+        self.map: DumpMap | None = None
+        self.ranges: list[tuple[int, int]] | None = None  # None: the whole entry
         try:
             if snap.meta.get("format") == "directory":
                 self._materialize_dir()
-            elif spool:
-                self._spool()
+            else:
+                entry = _dump_entry(snap)
+                self.map = DumpMap.from_json(entry.meta.get(DUMP_MAP_KEY), entry.size)
+                self._spool_wanted = spool
         except BaseException as exc:
             self.close()  # no half-written dump left in TMPDIR (the `with` never started)
             if isinstance(exc, OSError):
@@ -124,20 +137,33 @@ class _Archive:
                                     f"{exc.strerror or exc}") from None
             raise
 
+    def select(self, dump_ids: set[int]) -> None:
+        """Read only the blocks of these TOC entries (when the dump is mapped)."""
+        if self.map is None or self.path is not None:
+            return
+        wanted = dump_ids & self.map.block_ids()
+        self.ranges = None if wanted == self.map.block_ids() else self.map.ranges(wanted)
+
     def _tmpdir(self) -> Path:
         if self._tmp is None:
             self._tmp = Path(tempfile.mkdtemp(prefix="pgkloset-restore-"))
         return self._tmp
 
     def _spool(self) -> None:
-        entry = _dump_entry(self.snap)
         path = self._tmpdir() / "dump.custom"
-        with open(path, "wb") as f:
-            for data in self.kloset.read_entry(self.snap, entry):
-                f.write(data)
-                if self.progress:
-                    self.progress(len(data))
+        try:
+            with open(path, "wb") as f:
+                for data in self._read(self.ranges):
+                    f.write(data)
+                    if self.progress:
+                        self.progress(len(data))
+        except OSError as exc:
+            raise RestoreFailed(f"cannot write the dump to a temporary directory: "
+                                f"{exc.strerror or exc}") from None
         self.path = path
+
+    def _read(self, ranges: list[tuple[int, int]] | None) -> Iterator[bytes]:
+        return self.kloset.read_entry(self.snap, _dump_entry(self.snap), ranges=ranges)
 
     def _materialize_dir(self) -> None:
         out = self._tmpdir() / "dump"
@@ -156,19 +182,25 @@ class _Archive:
         self.path = out
 
     def run(self, argv: list[Any], env: dict[str, str], *, what: str, log: Log | None,
-            cancel: threading.Event | None, stdout: int = subprocess.DEVNULL) -> bytes:
-        """Run a pg_restore-like tool on the archive (path argument or stdin)."""
+            cancel: threading.Event | None, stdout: int = subprocess.DEVNULL,
+            toc_only: bool = False) -> bytes:
+        """Run a pg_restore-like tool on the archive (path argument or stdin).
+
+        ``toc_only``: the tool reads just the table of contents (``-l``).
+        """
+        if self._spool_wanted and self.path is None and not toc_only:
+            self._spool()
         if self.path is not None:
             with ToolProcess([*argv, str(self.path)], env, what=what, stdout=stdout, log=log,
                              cancel=cancel) as tool:
                 out = tool.stdout.read() if stdout == subprocess.PIPE else b""
                 tool.check()
             return out
-        entry = _dump_entry(self.snap)
+        ranges = [(0, self.map.toc_end)] if toc_only and self.map is not None else self.ranges
         with ToolProcess(argv, env, what=what, stdin=subprocess.PIPE, stdout=stdout, log=log,
                          cancel=cancel) as tool:
             failure: list[BaseException] = []
-            feeder = threading.Thread(target=self._feed, args=(tool, entry, failure),
+            feeder = threading.Thread(target=self._feed, args=(tool, ranges, failure),
                                       daemon=True, name="pgkloset-restore-feed")
             feeder.start()
             out = tool.stdout.read() if stdout == subprocess.PIPE else b""
@@ -180,9 +212,10 @@ class _Archive:
             tool.check()
         return out
 
-    def _feed(self, tool: ToolProcess, entry: Entry, failure: list[BaseException]) -> None:
+    def _feed(self, tool: ToolProcess, ranges: list[tuple[int, int]] | None,
+              failure: list[BaseException]) -> None:
         try:
-            for data in self.kloset.read_entry(self.snap, entry):
+            for data in self._read(ranges):
                 tool.stdin.write(data)
                 if self.progress:
                     self.progress(len(data))
@@ -492,10 +525,13 @@ def restore_logical(kloset: Kloset, snapshot: Snapshot, to_dsn: str, *,
         list_file: Path | None = None
         if use_list:
             list_file = _partial_list(archive, client, env, snapshot, schemas, tables, state,
-                                      clean=clean or data_only, log=log, cancel=cancel,
+                                      clean=clean or data_only, schema_only=schema_only,
+                                      log=log, cancel=cancel,
                                       warnings=warnings)
             archive.progress = progress
             stack.callback(list_file.unlink, missing_ok=True)
+        elif schema_only:
+            archive.select(set())  # pg_restore reads no data: fetch the TOC and the schema
         created = _prepare_database(target, dbname, create=create, replace=replace_db,
                                     encoding=str(meta.get("encoding") or "UTF8"))
         argv: list[Any] = [client.path("pg_restore"), "--exit-on-error", *extra_flags]
@@ -538,10 +574,10 @@ def _major(version: Any) -> int:
 
 def _partial_list(archive: _Archive, client: PgBinaries, env: dict[str, str], snap: Snapshot,
                   schemas: list[str], tables: list[str], state: _TargetState, *, clean: bool,
-                  log: Log | None, cancel: threading.Event | None,
+                  schema_only: bool, log: Log | None, cancel: threading.Event | None,
                   warnings: list[str]) -> Path:
     out = archive.run([client.path("pg_restore"), "-l"], env, what="pg_restore -l", log=log,
-                      cancel=cancel, stdout=subprocess.PIPE)
+                      cancel=cancel, stdout=subprocess.PIPE, toc_only=True)
     items = parse_toc(out.decode("utf-8", "replace"))
     known_tables = {f"{i.schema}.{i.rest.split(' ', 1)[0]}" for i in items
                     if i.desc in ("TABLE", "VIEW", "MATERIALIZED VIEW", "FOREIGN TABLE")}
@@ -569,6 +605,8 @@ def _partial_list(archive: _Archive, client: PgBinaries, env: dict[str, str], sn
         keep = [i.line for i in items]
     if clean:
         keep = partitions_first(items, keep)
+    # Only the data blocks of the chosen entries are fetched (none for a schema-only restore).
+    archive.select(set() if schema_only else {int(ln.split(";", 1)[0]) for ln in keep})
     fd, path = tempfile.mkstemp(prefix="pgkloset-toc-", suffix=".list")
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.write("\n".join(keep) + "\n")

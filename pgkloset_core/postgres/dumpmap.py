@@ -1,0 +1,384 @@
+"""Where each data block of a custom-format dump lies, noted while the dump streams by.
+
+pg_dump writing to a pipe cannot seek back to fill in the data offsets of
+its table of contents, so pg_restore reading such an archive from a pipe
+must read every byte up to the data it wants: restoring one table out of a
+snapshot would fetch nearly the whole snapshot. The scanner here follows the
+dump as it passes through the writer and records where the header and table
+of contents end and where each data block starts and how long it is. A
+partial restore then fetches only the chunks covering the table of contents
+and the wanted blocks and feeds pg_restore a shortened archive: the same
+header and TOC, followed by just those blocks in their original order --
+which pg_restore reads exactly as it reads the whole stream.
+
+The layout followed is pg_dump's custom format (``pg_backup_archiver.c``
+``ReadHead``/``ReadToc``, ``pg_backup_custom.c``), archive versions 1.12 to
+1.16 (PostgreSQL 9.0 to 18), uncompressed data only (pgkloset dumps with
+``-Z0``). Integers are a sign byte then ``intSize`` little-endian bytes.
+
+Finding block ends without reading every row: in an uncompressed data block
+every chunk is a length header followed by COPY text, which never holds a
+NUL byte, and a header has at most four zero bytes in a row; so the first
+run of five zero bytes after a block's header is its end marker (a zero
+length). Large-object blocks hold binary data and are walked chunk by chunk
+instead. Anything unexpected makes the scanner give up: the snapshot then has
+no map and partial restores read the whole dump, as before. A restore also
+checks every block header it fetches against the map.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+MAGIC = b"PGDMP"
+FORMAT_CUSTOM = 1
+BLK_DATA = 1
+BLK_BLOBS = 3
+OFFSET_POS_NOT_SET = 1
+OFFSET_POS_SET = 2
+OFFSET_NO_DATA = 3
+MIN_VERSION = (1, 12, 0)
+MAX_VERSION = (1, 16, 0)
+MAP_VERSION = 1
+DUMP_MAP_KEY = "pg_dump_map"  # where the map lives in the dump entry's meta
+ZEROS = b"\x00" * 5
+TOC_LIMIT = 256 * 1024 * 1024  # a table of contents larger than this is not mapped
+
+
+class Unsupported(Exception):
+    """The stream is not an archive this scanner can map (the caller stores no map)."""
+
+
+class _NeedMore(Exception):
+    """The buffer ends before the structure being read does."""
+
+
+@dataclass(frozen=True)
+class TocEntry:
+    """One entry of the archive's table of contents (the parts a restore needs)."""
+
+    dump_id: int
+    desc: str
+    namespace: str
+    tag: str
+    has_data: bool
+
+
+@dataclass
+class DumpMap:
+    """The table of contents' extent and every data block's (dump id, start, length)."""
+
+    size: int
+    toc_end: int
+    blocks: list[tuple[int, int, int]] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        # Blocks are contiguous from toc_end, so a length per block is enough.
+        return {"version": MAP_VERSION, "size": self.size, "toc_end": self.toc_end,
+                "blocks": [[dump_id, length] for dump_id, _start, length in self.blocks]}
+
+    @classmethod
+    def from_json(cls, doc: Any, size: int) -> DumpMap | None:
+        """The map recorded with an entry of ``size`` bytes, or None when absent or unusable."""
+        try:
+            if not isinstance(doc, dict) or doc.get("version") != MAP_VERSION:
+                return None
+            if int(doc["size"]) != size:
+                return None
+            pos = toc_end = int(doc["toc_end"])
+            blocks: list[tuple[int, int, int]] = []
+            for dump_id, length in doc["blocks"]:
+                dump_id, length = int(dump_id), int(length)
+                if dump_id <= 0 or length <= 0:
+                    return None
+                blocks.append((dump_id, pos, length))
+                pos += length
+            if not 0 < toc_end <= size or pos != size:
+                return None
+        except (KeyError, TypeError, ValueError):
+            return None
+        return cls(size=size, toc_end=toc_end, blocks=blocks)
+
+    def ranges(self, dump_ids: set[int]) -> list[tuple[int, int]]:
+        """(start, end) byte ranges of the header, TOC and the blocks of ``dump_ids``."""
+        out = [(0, self.toc_end)]
+        for dump_id, start, length in self.blocks:
+            if dump_id in dump_ids:
+                if out[-1][1] == start:
+                    out[-1] = (out[-1][0], start + length)
+                else:
+                    out.append((start, start + length))
+        return out
+
+    def block_ids(self) -> set[int]:
+        return {b[0] for b in self.blocks}
+
+
+class _Cursor:
+    """Reads the archive's integers and strings from a buffer; raises _NeedMore at its end."""
+
+    def __init__(self, buf: bytes | bytearray, pos: int = 0) -> None:
+        self.buf = buf
+        self.pos = pos
+        self.int_size = 4
+        self.off_size = 8
+
+    def take(self, n: int) -> bytes:
+        end = self.pos + n
+        if end > len(self.buf):
+            raise _NeedMore
+        data = bytes(self.buf[self.pos:end])
+        self.pos = end
+        return data
+
+    def byte(self) -> int:
+        if self.pos >= len(self.buf):
+            raise _NeedMore
+        value = self.buf[self.pos]
+        self.pos += 1
+        return value
+
+    def int(self) -> int:
+        sign = self.byte()
+        value = int.from_bytes(self.take(self.int_size), "little")
+        return -value if sign else value
+
+    def str(self) -> str | None:
+        n = self.int()
+        if n < 0:
+            return None
+        if n > TOC_LIMIT:
+            raise Unsupported("string longer than the archive could hold")
+        return self.take(n).decode("utf-8", "replace")
+
+
+def parse_toc(buf: bytes | bytearray) -> tuple[list[TocEntry], int, int]:
+    """(entries, int size, end offset of the TOC) of a custom-format archive's start.
+
+    Raises _NeedMore when ``buf`` ends before the TOC does, Unsupported when
+    it is not an uncompressed custom-format archive of a known version.
+    """
+    c = _Cursor(buf)
+    if c.take(5) != MAGIC:
+        raise Unsupported("not a custom-format archive")
+    version = (c.byte(), c.byte(), c.byte())
+    if not MIN_VERSION <= version <= MAX_VERSION:
+        raise Unsupported(f"archive version {'.'.join(map(str, version))}")
+    c.int_size = c.byte()
+    c.off_size = c.byte()
+    if not 1 <= c.int_size <= 8 or not 1 <= c.off_size <= 16:
+        raise Unsupported("implausible integer sizes")
+    if c.byte() != FORMAT_CUSTOM:
+        raise Unsupported("not the custom format")
+    # 1.15 on: the algorithm (0 is none); before: the zlib level (0 is none, -1 default).
+    compression = c.byte() if version >= (1, 15, 0) else c.int()
+    if compression != 0:
+        raise Unsupported("compressed archive")
+    for _ in range(7):  # creation time
+        c.int()
+    for _ in range(3):  # database name, server version, pg_dump version
+        c.str()
+    count = c.int()
+    if count < 0:
+        raise Unsupported("negative TOC count")
+    entries: list[TocEntry] = []
+    for _ in range(count):
+        dump_id = c.int()
+        if dump_id <= 0:
+            raise Unsupported("entry id out of range")
+        c.int()  # had a dumper
+        c.str()  # table oid
+        c.str()  # oid
+        tag = c.str() or ""
+        desc = c.str() or ""
+        c.int()  # section
+        for _ in range(3):  # definition, drop statement, COPY statement
+            c.str()
+        namespace = c.str() or ""
+        c.str()  # tablespace
+        c.str()  # table access method
+        if version >= (1, 16, 0):
+            c.int()  # relkind
+        c.str()  # owner
+        c.str()  # "with oids"
+        while c.str() is not None:  # dependencies, ended by a NULL string
+            pass
+        flag = c.byte()
+        c.take(c.off_size)
+        if flag not in (OFFSET_POS_NOT_SET, OFFSET_POS_SET, OFFSET_NO_DATA):
+            raise Unsupported(f"unexpected data offset flag {flag}")
+        entries.append(TocEntry(dump_id, desc, namespace, tag, flag != OFFSET_NO_DATA))
+    return entries, c.int_size, c.pos
+
+
+class DumpScanner:
+    """Fed a custom-format dump in order (``feed``), returns its DumpMap (``finish``).
+
+    Memory stays small: only the table of contents is buffered; in data
+    blocks at most a block header's worth of bytes is kept between feeds.
+    """
+
+    def __init__(self) -> None:
+        self.failed: str | None = None
+        self.buf = bytearray()
+        self.base = 0  # absolute offset of buf[0]
+        self.size = 0  # bytes fed so far
+        self.state = "toc"
+        self.next_try = 64 * 1024
+        self.int_size = 4
+        self.toc_end = 0
+        self.expected: list[int] = []  # data-bearing dump ids not yet seen, in TOC order
+        self.blocks: list[tuple[int, int, int]] = []
+        self.block_start = 0
+        self.block_id = 0
+        self.search_from = 0  # absolute offset where the end-marker search resumes
+        self.blob_step = "oid"  # walking large objects: "oid", "len" or "skip"
+        self.skip = 0
+
+    # -- public ---------------------------------------------------------------
+
+    def feed(self, data: bytes | memoryview) -> None:
+        if self.failed:
+            return
+        self.size += len(data)
+        self.buf += data
+        try:
+            self._advance()
+        except Unsupported as exc:
+            self._fail(str(exc))
+
+    def finish(self) -> DumpMap | None:
+        """The map, or None (see ``failed``) when the stream could not be mapped."""
+        if self.failed:
+            return None
+        try:
+            if self.state == "toc":
+                self._parse_toc(final=True)
+            self._advance()  # whatever is buffered after a TOC parsed only now
+            if self.state == "header":
+                self._next_header(final=True)
+            if self.state != "done":
+                raise Unsupported(f"stream ends inside a {self.state} block")
+        except Unsupported as exc:
+            self._fail(str(exc))
+            return None
+        return DumpMap(size=self.size, toc_end=self.toc_end, blocks=self.blocks)
+
+    # -- states ---------------------------------------------------------------
+
+    def _fail(self, why: str) -> None:
+        self.failed = why
+        self.buf = bytearray()
+
+    def _advance(self) -> None:
+        while True:
+            before = (self.state, self.base, len(self.buf), len(self.blocks))
+            if self.state == "toc":
+                if len(self.buf) < self.next_try:
+                    return
+                self._parse_toc(final=False)
+            elif self.state == "header":
+                self._next_header(final=False)
+            elif self.state == "data":
+                self._end_data()
+            elif self.state == "blobs":
+                self._walk_blobs()
+            elif self.state == "done":
+                if self.buf:
+                    raise Unsupported("bytes after the last data block")
+                return
+            if (self.state, self.base, len(self.buf), len(self.blocks)) == before:
+                return  # waiting for more bytes
+
+    def _parse_toc(self, *, final: bool) -> None:
+        try:
+            entries, self.int_size, end = parse_toc(self.buf)
+        except _NeedMore:
+            if final:
+                raise Unsupported("stream ends inside the table of contents") from None
+            if len(self.buf) > TOC_LIMIT:
+                raise Unsupported("table of contents too large to map") from None
+            self.next_try = len(self.buf) * 2
+            return
+        self.toc_end = end
+        self.expected = [e.dump_id for e in entries if e.has_data]
+        self._drop_to(end)
+        self.state = "header"
+
+    def _drop_to(self, absolute: int) -> None:
+        """Forget buffered bytes before ``absolute``."""
+        del self.buf[:absolute - self.base]
+        self.base = absolute
+
+    def _next_header(self, *, final: bool) -> None:
+        """At a block boundary: the next block's header, or the end of the archive."""
+        need = 2 + self.int_size
+        if len(self.buf) < need:
+            if final:
+                if self.buf:
+                    raise Unsupported("stream ends inside a block header")
+                self.state = "done"
+            return
+        blk_type = self.buf[0]
+        c = _Cursor(self.buf, 1)
+        c.int_size = self.int_size
+        dump_id = c.int()
+        if blk_type not in (BLK_DATA, BLK_BLOBS):
+            raise Unsupported(f"unknown block type {blk_type}")
+        if dump_id not in self.expected:
+            raise Unsupported(f"block {dump_id} is not a data entry of the TOC (or repeats)")
+        # Blocks come in TOC order; an entry may have no block (its data was not dumped).
+        del self.expected[:self.expected.index(dump_id) + 1]
+        self.block_start, self.block_id = self.base, dump_id
+        self.search_from = self.base + need
+        if blk_type == BLK_DATA:
+            self.state = "data"
+        else:
+            self.state, self.blob_step = "blobs", "oid"
+            self._drop_to(self.base + need)
+
+    def _close_block(self, end: int) -> None:
+        self.blocks.append((self.block_id, self.block_start, end - self.block_start))
+        self._drop_to(end)
+        self.state = "header"
+
+    def _end_data(self) -> None:
+        """Find the data block's end marker: the first five zero bytes after its header."""
+        at = self.buf.find(ZEROS, self.search_from - self.base)
+        if at < 0:
+            keep_from = max(self.search_from, self.base + len(self.buf) - (len(ZEROS) - 1))
+            self._drop_to(keep_from)
+            self.search_from = keep_from
+            return
+        self._close_block(self.base + at + len(ZEROS))
+
+    def _walk_blobs(self) -> None:
+        """Large objects: (oid, chunks of (length, bytes)..., 0)... then oid 0."""
+        width = 1 + self.int_size
+        while True:
+            if self.blob_step == "skip":
+                n = min(self.skip, len(self.buf))
+                self.skip -= n
+                self._drop_to(self.base + n)
+                if self.skip:
+                    return
+                self.blob_step = "len"
+                continue
+            if len(self.buf) < width:
+                return
+            c = _Cursor(self.buf)
+            c.int_size = self.int_size
+            value = c.int()
+            self._drop_to(self.base + width)
+            if value < 0:
+                raise Unsupported("negative value in a large-object block")
+            if self.blob_step == "oid":
+                if value == 0:
+                    self._close_block(self.base)
+                    return
+                self.blob_step = "len"
+            elif value == 0:
+                self.blob_step = "oid"
+            else:
+                self.blob_step, self.skip = "skip", value
