@@ -13,6 +13,7 @@ when a cancel event is set, so an orchestrator can stop a running dump.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import re
 import signal
@@ -142,6 +143,23 @@ def tool_env(target: ConnTarget, base: Mapping[str, str] | None = None) -> Itera
             os.unlink(path)
 
 
+PIPE_SIZE = 1 << 20
+
+
+def widen_pipe(fd: int, size: int = PIPE_SIZE) -> None:
+    """Let a tool run ahead of us by ``size`` bytes (Linux; the default is 64 KiB).
+
+    With 64 KiB pg_dump fills the pipe in a fraction of a millisecond and
+    then waits whenever our reading thread waits for the GIL (up to the 5 ms
+    switch interval): measured, that alone slowed pg_dump by a third.
+    """
+    setsize = getattr(fcntl, "F_SETPIPE_SZ", None)
+    if setsize is None:
+        return
+    with contextlib.suppress(OSError):
+        fcntl.fcntl(fd, setsize, size)
+
+
 class ToolProcess:
     """A running tool: stderr captured, cancellable, one clear error on failure."""
 
@@ -162,6 +180,9 @@ class ToolProcess:
                 env=dict(env), cwd=cwd, start_new_session=True)
         except OSError as exc:
             raise ToolFailed(f"cannot run {what}: {exc.strerror or exc}") from None
+        for pipe in (self.proc.stdout, self.proc.stdin):
+            if pipe is not None:
+                widen_pipe(pipe.fileno())
         self._reader = threading.Thread(target=self._read_stderr, daemon=True,
                                         name=f"pgkloset-{what}-stderr")
         self._reader.start()
