@@ -73,7 +73,7 @@ def test_repack_keeps_used_blobs_of_mostly_unused_packs(tmp_path) -> None:
     snap = kloset.resolve(gone)
     lengths = [n for _id, n in iter_refs_of(kloset, snap, snap.entries[0])]
     # Chunk boundaries are keyed per kloset: sizes come from the refs, never assumed.
-    # max_chunk (1 MiB) guarantees >= 3 chunks, so two kept leave >= 1/3 unused (> 0.25).
+    # max_chunk (at most 1 MiB) guarantees >= 3 chunks, so two kept leave >= 1/3 unused (> 0.25).
     assert len(lengths) >= 3 and sum(lengths) == len(data)
     kept_size = sum(lengths[:2])
     assert len(data) - kept_size > 0.25 * len(data)
