@@ -15,7 +15,9 @@ Directory-format snapshots are always written to a temporary directory.
 Partial restores are built from the archive's table of contents
 (``pg_restore -l``) as a ``-L`` list, so a table comes with its indexes,
 constraints, triggers, rules, policies, defaults, owned sequences, comments
-and grants -- unlike ``pg_restore -t``, which brings the table alone.
+and grants -- unlike ``pg_restore -t``, which brings the table alone. When
+the backup mapped the dump's data blocks (dumpmap.py), a partial restore
+fetches only the table of contents and the blocks it restores.
 """
 
 from __future__ import annotations
