@@ -24,9 +24,9 @@ from pgkloset_core.cli_common import (
     status,
 )
 from pgkloset_core.errors import EntryNotFound, KlosetError, UsageError
-from pgkloset_core.kloset.check import check as run_check
-from pgkloset_core.kloset.repository import Kloset
-from pgkloset_core.kloset.thaw import stderr_progress
+
+# Each command imports what it needs (the kloset, check, thaw, the PostgreSQL modules)
+# when it runs, so `pgkloset --help` or `pgkloset snapshots` load none of the rest.
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -50,6 +50,8 @@ def cli(ctx: click.Context, repo: str | None, lock_wait: str) -> None:
 @pass_app
 def init(app: AppContext) -> None:
     """Create a new, empty kloset."""
+    from pgkloset_core.kloset.repository import Kloset
+
     backend = app.backend()
     kloset = Kloset.init(backend, read_passphrase(confirm=True))
     click.echo(f"created kloset {kloset.config.id} at {backend.url}")
@@ -123,6 +125,8 @@ def cat(app: AppContext, snapshot: str, entry: str | None, no_wait: bool) -> Non
     SNAPSHOT is a full id, a unique prefix, or `latest`. ENTRY may be left out when the
     snapshot has a single entry. Packs in cold storage are thawed first.
     """
+    from pgkloset_core.kloset.thaw import stderr_progress
+
     kloset = app.open()
     snap = kloset.resolve(snapshot)
     if entry is None:
@@ -163,6 +167,8 @@ def _write_stdout(data: bytes) -> None:
 @pass_app
 def check(app: AppContext, read_data: bool, read_data_subset: float | None, as_json: bool) -> None:
     """Verify the kloset's structure (and with --read-data, every byte)."""
+    from pgkloset_core.kloset.check import check as run_check
+
     kloset = app.open()
     with kloset.lock(exclusive=False, operation="check", wait=app.lock_wait), status("check") as say:
         report = run_check(kloset, read_data=read_data, subset_percent=read_data_subset, progress=say)

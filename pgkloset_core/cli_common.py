@@ -14,13 +14,15 @@ import re
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from pgkloset_core.errors import UsageError
-from pgkloset_core.kloset.repository import Kloset
 from pgkloset_core.storage import Backend, open_backend
+
+if TYPE_CHECKING:  # imported in open(): `--help` and friends need no crypto or kloset code
+    from pgkloset_core.kloset.repository import Kloset
 
 
 @dataclass
@@ -36,6 +38,8 @@ class AppContext:
         return self._backend
 
     def open(self) -> Kloset:
+        from pgkloset_core.kloset.repository import Kloset
+
         backend = self.backend()
         Kloset.read_config(backend)  # "not a kloset" and format errors before any prompt
         return Kloset.open(backend, read_passphrase())

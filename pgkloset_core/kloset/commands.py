@@ -6,16 +6,20 @@ command that takes a lock honours the global ``--lock-wait``.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from pgkloset_core.cli_common import AppContext, emit_json, parse_seconds, pass_app, status
 from pgkloset_core.errors import UsageError
-from pgkloset_core.kloset import locks
-from pgkloset_core.kloset.forget import ForgetPlan, forget, plan_ids, plan_policy
-from pgkloset_core.kloset.prune import DEFAULT_MAX_REPACK_RATIO, describe, prune
-from pgkloset_core.kloset.retention import RetentionPolicy, parse_group_by
+
+if TYPE_CHECKING:  # forget, prune and retention load only in the commands that run them
+    from pgkloset_core.kloset.forget import ForgetPlan
+
+# The same value as pgkloset_core.kloset.prune.DEFAULT_MAX_REPACK_RATIO, repeated here so
+# that building the command line does not import prune (tests/test_cli_startup.py checks
+# that the two agree).
+DEFAULT_MAX_REPACK_RATIO = 0.25
 
 _KEEP_HELP = {
     "last": "Keep the N newest snapshots",
@@ -61,6 +65,10 @@ def forget_cmd(app: AppContext, snapshot_ids: tuple[str, ...], keep_last: str | 
     pgkloset forget 3fa4c1d2 latest
     pgkloset forget --keep-daily 7 --keep-weekly 4 --keep-monthly 12 --dry-run
     """
+    from pgkloset_core.kloset.forget import forget, plan_ids, plan_policy
+    from pgkloset_core.kloset.prune import describe, prune
+    from pgkloset_core.kloset.retention import RetentionPolicy, parse_group_by
+
     policy = RetentionPolicy.from_mapping({
         "keep_last": keep_last, "keep_hourly": keep_hourly, "keep_daily": keep_daily,
         "keep_weekly": keep_weekly, "keep_monthly": keep_monthly, "keep_yearly": keep_yearly,
@@ -133,6 +141,8 @@ def _print_plan(plan: ForgetPlan, dry_run: bool) -> None:
 def prune_cmd(app: AppContext, dry_run: bool, max_repack_ratio: float, grace: str,
               as_json: bool) -> None:
     """Delete data that no snapshot references (after `forget`)."""
+    from pgkloset_core.kloset.prune import describe, prune
+
     grace_seconds = parse_seconds(grace)
     kloset = app.open()
     with kloset.lock(exclusive=True, operation="prune", wait=app.lock_wait) as lock, \
@@ -155,6 +165,8 @@ def prune_cmd(app: AppContext, dry_run: bool, max_repack_ratio: float, grace: st
 @pass_app
 def unlock_cmd(app: AppContext, force: bool, as_json: bool) -> None:
     """Remove stale locks left by dead processes (every lock with --force)."""
+    from pgkloset_core.kloset import locks
+
     kloset = app.open()
     removed = locks.remove_stale(kloset.backend, kloset.master, force=force)
     if as_json:

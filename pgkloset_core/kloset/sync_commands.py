@@ -8,6 +8,7 @@ PGKLOSET_TO_PASSPHRASE_FILE, else the source's.
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 import click
 
@@ -21,10 +22,10 @@ from pgkloset_core.cli_common import (
     read_passphrase,
 )
 from pgkloset_core.errors import UsageError, WrongPassphrase
-from pgkloset_core.kloset.repository import CONFIG_NAME, Kloset
-from pgkloset_core.kloset.sync import SyncedSnapshot, sync
-from pgkloset_core.kloset.thaw import stderr_progress
 from pgkloset_core.storage import open_backend
+
+if TYPE_CHECKING:  # the sync machinery loads only when `pgkloset sync` runs
+    from pgkloset_core.kloset.sync import SyncedSnapshot
 
 TO_PASSPHRASE = "PGKLOSET_TO_PASSPHRASE"
 
@@ -56,6 +57,10 @@ def sync_cmd(app: AppContext, snapshots: tuple[str, ...], from_url: str | None, 
     \b
     pgkloset sync --from /backups/kloset --to 's3://offsite/kloset'
     """
+    from pgkloset_core.kloset.repository import CONFIG_NAME, Kloset
+    from pgkloset_core.kloset.sync import sync
+    from pgkloset_core.kloset.thaw import stderr_progress
+
     source_url = from_url or app.repo or os.environ.get("PGKLOSET_REPO", "")
     if not source_url:
         raise UsageError("name the source kloset with --from URL (or --repo, PGKLOSET_REPO)")

@@ -17,9 +17,7 @@ import click
 
 from pgkloset_core.cli_common import AppContext, byte_progress, emit_json, human_bytes, pass_app
 from pgkloset_core.errors import KlosetError, UsageError
-from pgkloset_core.postgres.pgenv import DSN_ENV
-
-RESTORE_DSN_ENV = "PGKLOSET_RESTORE_DSN"
+from pgkloset_core.postgres.names import DSN_ENV, RESTORE_DSN_ENV
 
 
 def _stderr_log(verbose: bool) -> Any:

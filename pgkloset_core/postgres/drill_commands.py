@@ -3,20 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from pgkloset_core.cli_common import AppContext, emit_json, human_bytes, pass_app
 from pgkloset_core.errors import KlosetError
-from pgkloset_core.postgres.drill import (
-    CheckResult,
-    DrillFailed,
-    DrillInterrupted,
-    DrillReport,
-    resolve_drillable,
-    run_drill,
-)
+
+if TYPE_CHECKING:  # the drill machinery (psycopg, instances) loads only when a drill runs
+    from pgkloset_core.postgres.drill import CheckResult, DrillReport
 
 # Passing checks shown one by one; beyond this, a summary line (failures always shown).
 SHOW_PASSING = 40
@@ -60,6 +55,13 @@ def drill(app: AppContext, snapshot: str, database: str | None, sql_checks: tupl
     backup time, object counts match, physical restores pass pg_verifybackup and
     pg_amcheck, and every --sql-check returns true. Exit status 4 when a check fails.
     """
+    from pgkloset_core.postgres.drill import (
+        DrillFailed,
+        DrillInterrupted,
+        resolve_drillable,
+        run_drill,
+    )
+
     kloset = app.open()
     snap = resolve_drillable(kloset, snapshot, database)
     say = _logger(quiet=as_json)

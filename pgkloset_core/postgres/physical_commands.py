@@ -9,8 +9,7 @@ from __future__ import annotations
 import click
 
 from pgkloset_core.cli_common import AppContext, byte_progress, emit_json, human_bytes, pass_app
-from pgkloset_core.postgres.pgenv import DSN_ENV
-from pgkloset_core.postgres.physical import backup_physical
+from pgkloset_core.postgres.names import DSN_ENV
 
 
 def register(cli: click.Group, backup: click.Group) -> None:
@@ -34,6 +33,8 @@ def register(cli: click.Group, backup: click.Group) -> None:
                             fast_checkpoint: bool, server: str | None, bin_dir: str | None,
                             as_json: bool) -> None:
         """Snapshot a whole PostgreSQL cluster (all databases, WAL included) file by file."""
+        from pgkloset_core.postgres.physical import backup_physical
+
         kloset = app.open()
         with byte_progress("backup physical") as progress:
             result = backup_physical(kloset, dsn, tags=tags, fast_checkpoint=fast_checkpoint,
