@@ -48,6 +48,8 @@ from pgkloset_core.kloset.snapshot import (
 from pgkloset_core.storage.base import metadata_writes
 
 PACKS_PER_DELTA = 64
+BATCH_BYTES = 1024 * 1024  # chunk bytes per worker task
+Prepared = tuple[bytes, int, bytes | None]  # blob id, length, sealed blob (None: known)
 Progress = Callable[[int], None]
 
 
@@ -183,14 +185,14 @@ class SnapshotWriter:
             comp = self._local.zstd = zstandard.ZstdCompressor(level=self.kloset.config.zstd_level)
         return comp
 
-    def _prepare(self, data: bytes) -> tuple[bytes, int, bytes | None]:
+    def _prepare(self, data: bytes) -> Prepared:
         """Hash; seal only blobs the kloset does not hold yet (runs in a worker)."""
         blob_id = self.kloset.master.chunk_id(data)
         if blob_id in self.sink.seen or self.index.lookup(blob_id) is not None:
             return blob_id, len(data), None
         return blob_id, len(data), self.sink.seal(BLOB_DATA, blob_id, data, self._compressor())
 
-    def _consume(self, result: tuple[bytes, int, bytes | None], refs: _RefList) -> None:
+    def _consume(self, result: Prepared, refs: _RefList) -> None:
         blob_id, length, sealed = result
         if sealed is not None:  # sink.add drops a twin sealed meanwhile by another worker
             self.sink.add(blob_id, BLOB_DATA, sealed, length)
@@ -216,26 +218,42 @@ class SnapshotWriter:
         """Store content already cut into chunks (``sync`` keeps the source's boundaries).
 
         A ``KnownChunk`` names a chunk this kloset holds already, so its bytes
-        need not be read again.
+        need not be read again. Chunks go to the workers in batches of about
+        BATCH_BYTES: one task per 64 KiB chunk cost more in hand-offs between
+        threads (and GIL traffic) than the hashing itself.
         """
         self._check_open(name)
         refs = _RefList(self)
-        window: deque[Future[tuple[bytes, int, bytes | None]] | KnownChunk] = deque()
-        depth = self.workers * 4
+        window: deque[Future[list[Prepared]] | KnownChunk] = deque()
+        depth = self.workers * 2
         size = 0
+        batch: list[bytes] = []
+        batch_bytes = 0
+
+        def submit() -> None:
+            nonlocal batch, batch_bytes
+            if batch:
+                window.append(self.pool.submit(self._prepare_batch, batch))
+                batch, batch_bytes = [], 0
+
         try:
             for chunk in chunks:
                 if isinstance(chunk, KnownChunk):
+                    submit()
                     window.append(chunk)
                     length = chunk.length
                 else:
                     length = len(chunk)
-                    window.append(self.pool.submit(self._prepare, chunk))
+                    batch.append(chunk)
+                    batch_bytes += length
+                    if batch_bytes >= BATCH_BYTES:
+                        submit()
                 size += length
-                if len(window) >= depth:
+                while len(window) >= depth:
                     self._take(window.popleft(), refs)
                 if progress:
                     progress(length)
+            submit()
             while window:
                 self._take(window.popleft(), refs)
         except BaseException:
@@ -250,14 +268,18 @@ class SnapshotWriter:
         self.entries.append(entry)
         return entry
 
-    def _take(self, item: Future[tuple[bytes, int, bytes | None]] | KnownChunk, refs: _RefList) -> None:
+    def _prepare_batch(self, batch: list[bytes]) -> list[Prepared]:
+        return [self._prepare(data) for data in batch]
+
+    def _take(self, item: Future[list[Prepared]] | KnownChunk, refs: _RefList) -> None:
         """Consume in order, so a known chunk stored earlier in this entry is seen by now."""
         if isinstance(item, KnownChunk):
             if item.blob_id not in self.sink.seen and self.index.lookup(item.blob_id) is None:
                 raise KlosetError(f"chunk {item.blob_id.hex()[:16]} is not in the kloset")
             refs.append(item.blob_id, item.length)
         else:
-            self._consume(item.result(), refs)
+            for result in item.result():
+                self._consume(result, refs)
 
     def add_bytes(self, name: str, data: bytes, **attrs: Any) -> Entry:
         import io
