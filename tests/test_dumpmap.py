@@ -22,7 +22,13 @@ import pytest
 from pgkloset_core.errors import KlosetError
 from pgkloset_core.kloset.repository import Kloset
 from pgkloset_core.kloset.snapshot import Snapshot
-from pgkloset_core.postgres.dumpmap import DUMP_MAP_KEY, DumpMap, DumpScanner, parse_toc
+from pgkloset_core.postgres.dumpmap import (
+    DUMP_MAP_KEY,
+    CleanChunks,
+    DumpMap,
+    DumpScanner,
+    parse_toc,
+)
 from pgkloset_core.postgres.instance import LocalInstance, LocalInstanceProvider
 from pgkloset_core.postgres.logical import backup_logical
 from pgkloset_core.postgres.restore_logical import RestoreFailed, restore_logical
@@ -315,3 +321,74 @@ def test_a_wrong_map_fails_loudly_and_changes_nothing(backed_up: dict[str, Any],
     assert target.scalar("SELECT count(*) FROM pg_class WHERE relname = 'zz_late'",
                          "dm_wrong") == 0
     assert isinstance(err.value, KlosetError)
+
+
+# ------------------------------------------------- chunks known to be clean
+
+
+def _cut(dump: bytes) -> list[tuple[bytes, bytes]]:
+    """(chunk, id) pairs as the writer makes them (any stable id does for the scanner)."""
+    import hashlib
+
+    from pyfastcdc import FastCDC
+
+    chunks = [bytes(c.data) for c in FastCDC(16384, min_size=4096, max_size=65536,
+                                            normalized_chunking=1).cut_buf(dump)]
+    return [(c, hashlib.blake2b(c, digest_size=32).digest()) for c in chunks]
+
+
+def test_clean_chunks_are_skipped_and_the_map_is_the_same(source: LocalInstance) -> None:
+    dump = _dump(source, DB, "-Fc", "-Z0")
+    pieces = _cut(dump)
+    plain = _scan(dump, 1 << 30).finish()
+    assert plain is not None
+    clean = CleanChunks.from_dump(plain, [(i, len(c)) for c, i in pieces])
+    assert len(clean) > len(pieces) // 2  # most chunks lie inside table data
+    scanner = DumpScanner()
+    for chunk, blob_id in pieces:
+        scanner.feed(chunk, blob_id in clean)
+    assert scanner.finish() == plain
+
+
+def test_a_false_clean_claim_gives_no_map(source: LocalInstance) -> None:
+    """Claiming the chunks that hold block ends are clean loses them: no map, never a wrong one."""
+    dump = _dump(source, DB, "-Fc", "-Z0")
+    pieces = _cut(dump)
+    plain = _scan(dump, 1 << 30).finish()
+    assert plain is not None
+    ends = {start + length for _id, start, length in plain.blocks[:-1]}
+    scanner = DumpScanner()
+    pos = 0
+    lied = 0
+    for chunk, _blob_id in pieces:
+        holds_end = any(pos + 10 < end <= pos + len(chunk) - 10 for end in ends)
+        lied += holds_end
+        scanner.feed(chunk, holds_end)
+        pos += len(chunk)
+    assert lied > 0
+    assert scanner.finish() is None
+    assert scanner.failed  # e.g. "block 4001 where the TOC has 3999"
+
+
+def test_second_backup_maps_through_clean_chunks(source: LocalInstance,
+                                                 tmp_path: Path) -> None:
+    kloset = make_kloset(tmp_path / "k")
+    first = backup_logical(kloset, source.dsn(), [DB])
+    source.execute("INSERT INTO zz_late SELECT g, 'later ' || g FROM generate_series(51, 80) g",
+                   DB)
+    try:
+        second = backup_logical(kloset, source.dsn(), [DB])
+    finally:
+        source.execute("DELETE FROM zz_late WHERE id > 50", DB)
+    maps = []
+    for results in (first, second):
+        snap = kloset.resolve(next(r.snapshot_id for r in results if r.kind == "logical"))
+        entry = snap.entries[0]
+        found = DumpMap.from_json(entry.meta.get(DUMP_MAP_KEY), entry.size)
+        assert found is not None
+        dump = b"".join(kloset.read_entry(snap, entry))
+        assert found == _scan(dump, 1 << 30).finish()  # the same as reading every byte
+        maps.append(found)
+    late = [b for b in maps[1].blocks if b[0] == maps[0].blocks[-3][0]]
+    assert [b[0] for b in maps[0].blocks] == [b[0] for b in maps[1].blocks]
+    assert late and late[0][2] > maps[0].blocks[-3][2]  # zz_late's block grew

@@ -23,7 +23,7 @@ import stat
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any, BinaryIO, NamedTuple
@@ -50,6 +50,7 @@ from pgkloset_core.storage.base import metadata_writes
 PACKS_PER_DELTA = 64
 BATCH_BYTES = 1024 * 1024  # chunk bytes per worker task
 Prepared = tuple[bytes, int, bytes | None]  # blob id, length, sealed blob (None: known)
+Observer = Callable[[bytes, bytes], None]  # (chunk data, blob id), in stream order
 Progress = Callable[[int], None]
 
 
@@ -200,21 +201,21 @@ class SnapshotWriter:
 
     def add_stream(self, name: str, stream: BinaryIO, *, entry_type: str = "stream",
                    progress: Progress | None = None,
-                   observe: Callable[[bytes], None] | None = None, **attrs: Any) -> Entry:
+                   observe: Observer | None = None, **attrs: Any) -> Entry:
         """Chunk and store everything ``stream`` yields until EOF.
 
-        ``observe`` sees every chunk in stream order (the dump scanner maps
-        pg_dump's archive this way without a second pass).
+        ``observe(data, blob_id)`` sees every chunk in stream order, with its
+        id (the dump scanner maps pg_dump's archive this way, without a second
+        pass, and skips chunks it knows).
         """
         self._check_open(name)
         chunks = (bytes(chunk.data) for chunk in self.chunker.cut_stream(stream))
-        if observe is not None:
-            chunks = _observed(chunks, observe)
-        return self.add_chunks(name, chunks, entry_type=entry_type, progress=progress, **attrs)
+        return self.add_chunks(name, chunks, entry_type=entry_type, progress=progress,
+                               observe=observe, **attrs)
 
     def add_chunks(self, name: str, chunks: Iterable[bytes | KnownChunk], *,
                    entry_type: str = "stream", progress: Progress | None = None,
-                   **attrs: Any) -> Entry:
+                   observe: Observer | None = None, **attrs: Any) -> Entry:
         """Store content already cut into chunks (``sync`` keeps the source's boundaries).
 
         A ``KnownChunk`` names a chunk this kloset holds already, so its bytes
@@ -224,7 +225,7 @@ class SnapshotWriter:
         """
         self._check_open(name)
         refs = _RefList(self)
-        window: deque[Future[list[Prepared]] | KnownChunk] = deque()
+        window: deque[tuple[Future[list[Prepared]], list[bytes]] | KnownChunk] = deque()
         depth = self.workers * 2
         size = 0
         batch: list[bytes] = []
@@ -233,12 +234,14 @@ class SnapshotWriter:
         def submit() -> None:
             nonlocal batch, batch_bytes
             if batch:
-                window.append(self.pool.submit(self._prepare_batch, batch))
+                window.append((self.pool.submit(self._prepare_batch, batch), batch))
                 batch, batch_bytes = [], 0
 
         try:
             for chunk in chunks:
                 if isinstance(chunk, KnownChunk):
+                    if observe is not None:
+                        raise UsageError("known chunks cannot be observed")
                     submit()
                     window.append(chunk)
                     length = chunk.length
@@ -250,16 +253,16 @@ class SnapshotWriter:
                         submit()
                 size += length
                 while len(window) >= depth:
-                    self._take(window.popleft(), refs)
+                    self._take(window.popleft(), refs, observe)
                 if progress:
                     progress(length)
             submit()
             while window:
-                self._take(window.popleft(), refs)
+                self._take(window.popleft(), refs, observe)
         except BaseException:
             for item in window:
-                if isinstance(item, Future):
-                    item.cancel()
+                if not isinstance(item, KnownChunk):
+                    item[0].cancel()
             raise
         entry = Entry(name=name, type=entry_type, size=size, **attrs)
         refs.finish(entry)
@@ -271,15 +274,19 @@ class SnapshotWriter:
     def _prepare_batch(self, batch: list[bytes]) -> list[Prepared]:
         return [self._prepare(data) for data in batch]
 
-    def _take(self, item: Future[list[Prepared]] | KnownChunk, refs: _RefList) -> None:
+    def _take(self, item: tuple[Future[list[Prepared]], list[bytes]] | KnownChunk,
+              refs: _RefList, observe: Observer | None) -> None:
         """Consume in order, so a known chunk stored earlier in this entry is seen by now."""
         if isinstance(item, KnownChunk):
             if item.blob_id not in self.sink.seen and self.index.lookup(item.blob_id) is None:
                 raise KlosetError(f"chunk {item.blob_id.hex()[:16]} is not in the kloset")
             refs.append(item.blob_id, item.length)
-        else:
-            for result in item.result():
-                self._consume(result, refs)
+            return
+        future, batch = item
+        for data, result in zip(batch, future.result(), strict=True):
+            if observe is not None:
+                observe(data, result[0])
+            self._consume(result, refs)
 
     def add_bytes(self, name: str, data: bytes, **attrs: Any) -> Entry:
         import io
@@ -399,12 +406,6 @@ class _RefList:
         if self.count:
             self._spill()
         entry.lists = self.lists
-
-
-def _observed(chunks: Iterable[bytes], observe: Callable[[bytes], None]) -> Iterator[bytes]:
-    for chunk in chunks:
-        observe(chunk)
-        yield chunk
 
 
 def _current_user() -> str:

@@ -28,6 +28,9 @@ checks every block header it fetches against the map.
 
 from __future__ import annotations
 
+import bisect
+from array import array
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -72,11 +75,13 @@ class DumpMap:
     size: int
     toc_end: int
     blocks: list[tuple[int, int, int]] = field(default_factory=list)
+    blob_ids: set[int] = field(default_factory=set)  # blocks of large objects (binary)
 
     def to_json(self) -> dict[str, Any]:
         # Blocks are contiguous from toc_end, so a length per block is enough.
         return {"version": MAP_VERSION, "size": self.size, "toc_end": self.toc_end,
-                "blocks": [[dump_id, length] for dump_id, _start, length in self.blocks]}
+                "blocks": [[dump_id, length] for dump_id, _start, length in self.blocks],
+                "large_objects": sorted(self.blob_ids)}
 
     @classmethod
     def from_json(cls, doc: Any, size: int) -> DumpMap | None:
@@ -96,9 +101,10 @@ class DumpMap:
                 pos += length
             if not 0 < toc_end <= size or pos != size:
                 return None
+            blob_ids = {int(x) for x in doc.get("large_objects", [])}
         except (KeyError, TypeError, ValueError):
             return None
-        return cls(size=size, toc_end=toc_end, blocks=blocks)
+        return cls(size=size, toc_end=toc_end, blocks=blocks, blob_ids=blob_ids)
 
     def ranges(self, dump_ids: set[int]) -> list[tuple[int, int]]:
         """(start, end) byte ranges of the header, TOC and the blocks of ``dump_ids``."""
@@ -113,6 +119,52 @@ class DumpMap:
 
     def block_ids(self) -> set[int]:
         return {b[0] for b in self.blocks}
+
+
+HEADER_MAX = 2 + 8  # block type, sign byte and the widest int size
+CLEAN_MAX = 4_000_000  # chunk ids remembered as clean (8 bytes each)
+
+
+class CleanChunks:
+    """Chunks of an earlier dump that lay wholly inside table data blocks.
+
+    Such a chunk holds no run of five zero bytes (COPY text and row headers
+    never do), so the scanner need not search it again when the same chunk
+    comes by in a later dump. Kept as a sorted array of 8-byte id prefixes; a
+    prefix collision could only make the scanner miss a block end, which it
+    then notices (the next block is not the one the TOC expects) and maps
+    nothing.
+    """
+
+    def __init__(self, prefixes: array[int]) -> None:
+        self._prefixes = prefixes
+
+    @classmethod
+    def from_dump(cls, found: DumpMap, refs: Iterable[tuple[bytes, int]]) -> CleanChunks:
+        inside: list[int] = []
+        blocks = iter(found.blocks)
+        block = next(blocks, None)
+        pos = 0
+        for blob_id, length in refs:
+            start, end = pos, pos + length
+            pos = end
+            while block is not None and block[1] + block[2] <= start:
+                block = next(blocks, None)
+            if block is None or len(inside) >= CLEAN_MAX:
+                break
+            dump_id, b_start, b_len = block
+            if (dump_id not in found.blob_ids and start >= b_start + HEADER_MAX
+                    and end <= b_start + b_len - len(ZEROS)):
+                inside.append(int.from_bytes(blob_id[:8], "little"))
+        return cls(array("Q", sorted(set(inside))))
+
+    def __contains__(self, blob_id: bytes) -> bool:
+        key = int.from_bytes(blob_id[:8], "little")
+        i = bisect.bisect_left(self._prefixes, key)
+        return i < len(self._prefixes) and self._prefixes[i] == key
+
+    def __len__(self) -> int:
+        return len(self._prefixes)
 
 
 class _Cursor:
@@ -230,6 +282,7 @@ class DumpScanner:
         self.toc_end = 0
         self.expected: list[int] = []  # data-bearing dump ids not yet seen, in TOC order
         self.blocks: list[tuple[int, int, int]] = []
+        self.blob_ids: set[int] = set()
         self.block_start = 0
         self.block_id = 0
         self.search_from = 0  # absolute offset where the end-marker search resumes
@@ -238,9 +291,22 @@ class DumpScanner:
 
     # -- public ---------------------------------------------------------------
 
-    def feed(self, data: bytes | memoryview) -> None:
+    def feed(self, data: bytes | memoryview, clean: bool = False) -> None:
+        """The next bytes of the stream.
+
+        ``clean``: the caller knows these bytes hold no five zero bytes in a
+        row (a chunk seen inside a data block of an earlier dump), so inside a
+        data block only the junction with the previous bytes is searched.
+        """
         if self.failed:
             return
+        if clean and self.state == "data" and len(data) > 2 * len(ZEROS):
+            probe = self.buf + data[:len(ZEROS) - 1]
+            if probe.find(ZEROS, self.search_from - self.base) < 0:
+                self.size += len(data)
+                self.buf = bytearray(data[-(len(ZEROS) - 1):])
+                self.base = self.search_from = self.size - len(self.buf)
+                return
         self.size += len(data)
         self.buf += data
         try:
@@ -263,7 +329,8 @@ class DumpScanner:
         except Unsupported as exc:
             self._fail(str(exc))
             return None
-        return DumpMap(size=self.size, toc_end=self.toc_end, blocks=self.blocks)
+        return DumpMap(size=self.size, toc_end=self.toc_end, blocks=self.blocks,
+                       blob_ids=self.blob_ids)
 
     # -- states ---------------------------------------------------------------
 
@@ -326,16 +393,19 @@ class DumpScanner:
         dump_id = c.int()
         if blk_type not in (BLK_DATA, BLK_BLOBS):
             raise Unsupported(f"unknown block type {blk_type}")
-        if dump_id not in self.expected:
-            raise Unsupported(f"block {dump_id} is not a data entry of the TOC (or repeats)")
-        # Blocks come in TOC order; an entry may have no block (its data was not dumped).
-        del self.expected[:self.expected.index(dump_id) + 1]
+        # Every entry the TOC marks as having data has a block, in TOC order; anything
+        # else (or a block end missed) is a stream this scanner does not understand.
+        if not self.expected or dump_id != self.expected[0]:
+            raise Unsupported(f"block {dump_id} where the TOC has "
+                              f"{self.expected[0] if self.expected else 'no more data'}")
+        del self.expected[0]
         self.block_start, self.block_id = self.base, dump_id
         self.search_from = self.base + need
         if blk_type == BLK_DATA:
             self.state = "data"
         else:
             self.state, self.blob_step = "blobs", "oid"
+            self.blob_ids.add(dump_id)
             self._drop_to(self.base + need)
 
     def _close_block(self, end: int) -> None:

@@ -32,7 +32,7 @@ from pgkloset_core.errors import KlosetError, UsageError
 from pgkloset_core.kloset.repository import Kloset
 from pgkloset_core.kloset.snapshot import Entry
 from pgkloset_core.postgres.binaries import NoSuitableBinaries, PgBinaries, find_binaries
-from pgkloset_core.postgres.dumpmap import DUMP_MAP_KEY, DumpScanner
+from pgkloset_core.postgres.dumpmap import DUMP_MAP_KEY, CleanChunks, DumpMap, DumpScanner
 from pgkloset_core.postgres.facts import SnapshotSession, server_facts
 from pgkloset_core.postgres.pgenv import (
     BackupCancelled,
@@ -218,10 +218,15 @@ def _backup_database(kloset: Kloset, lock: Any, target: ConnTarget, db: str,
             if fmt == "custom":
                 argv = [client.path("pg_dump"), "-Fc", *common]
                 scanner = DumpScanner()
+                clean = _clean_chunks(kloset, db)
+
+                def observe(data: bytes, blob_id: bytes) -> None:
+                    scanner.feed(data, blob_id in clean)
+
                 with ToolProcess(argv, env, what="pg_dump", stdout=-1, log=log,
                                  cancel=cancel) as tool:
                     entry = writer.add_stream(dump_entry_name(db), tool.stdout,
-                                              progress=progress, observe=scanner.feed)
+                                              progress=progress, observe=observe)
                     tool.check()
                 _record_map(entry, scanner, log)
             else:
@@ -239,6 +244,24 @@ def _backup_database(kloset: Kloset, lock: Any, target: ConnTarget, db: str,
         server_version=str(base_meta["pg_version"]),
         table_count=len(found["tables"]) + len(found["partitioned_tables"]),
         total_rows=int(found["total_rows"]), row_counts=dict(found["tables"]))
+
+
+def _clean_chunks(kloset: Kloset, db: str) -> CleanChunks | frozenset[bytes]:
+    """Chunks the previous mapped dump of ``db`` held inside table data (see dumpmap)."""
+    from pgkloset_core.kloset.reader import iter_refs_of
+
+    try:
+        for snap in reversed(kloset.snapshots()):
+            if snap.kind != "logical" or snap.meta.get("database") != db:
+                continue
+            entry = snap.entry(str(snap.meta.get("entry") or ""))
+            found = DumpMap.from_json(entry.meta.get(DUMP_MAP_KEY), entry.size) if entry \
+                else None
+            if entry is not None and found is not None:
+                return CleanChunks.from_dump(found, iter_refs_of(kloset, snap, entry))
+    except KlosetError:
+        pass  # only a shortcut: without it the scanner reads every byte
+    return frozenset()
 
 
 def _record_map(entry: Entry, scanner: DumpScanner, log: Log | None) -> None:
