@@ -2,8 +2,7 @@
 
 The command modules read these from here so that building the command line
 (``pgkloset --help``, ``pgkloset snapshots``) does not load psycopg.
-``DSN_ENV`` is also defined in :mod:`pgkloset_core.postgres.pgenv` (which uses it
-itself); the two must stay equal, and tests/test_cli_startup.py checks that.
+:mod:`pgkloset_core.postgres.pgenv` re-exports ``DSN_ENV`` from here.
 """
 
 from __future__ import annotations

@@ -30,8 +30,8 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from pgkloset_core.errors import KlosetError, UsageError
+from pgkloset_core.postgres.names import DSN_ENV
 
-DSN_ENV = "PGKLOSET_DSN"
 TAIL_LINES = 6
 Log = Callable[[str], None]
 
