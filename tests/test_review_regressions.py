@@ -137,8 +137,10 @@ def test_restore_spool_failure_leaves_no_temporary_dump(lib_kloset, tmp_path, mo
     spool = tmp_path / "spool"
     spool.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(spool))
-    with pytest.raises(KlosetError):
-        _Archive(lib_kloset, snap, spool=True, progress=None)
+    # The spool is written when pg_restore first needs the dump (after any -l pass).
+    with pytest.raises(KlosetError), _Archive(lib_kloset, snap, spool=True,
+                                              progress=None) as archive:
+        archive.run(["true"], dict(os.environ), what="pg_restore", log=None, cancel=None)
     assert list(spool.iterdir()) == []
 
 
