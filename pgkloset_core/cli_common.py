@@ -22,6 +22,8 @@ from pgkloset_core.errors import UsageError
 from pgkloset_core.storage import Backend, open_backend
 
 if TYPE_CHECKING:  # imported in open(): `--help` and friends need no crypto or kloset code
+    from concurrent.futures import Future
+
     from pgkloset_core.kloset.repository import Kloset
 
 
@@ -43,6 +45,14 @@ class AppContext:
         backend = self.backend()
         Kloset.read_config(backend)  # "not a kloset" and format errors before any prompt
         return Kloset.open(backend, read_passphrase())
+
+    def open_soon(self) -> Future[Kloset]:
+        """Like ``open``, but the key unlock runs in the background (see Kloset.open_soon)."""
+        from pgkloset_core.kloset.repository import Kloset
+
+        backend = self.backend()
+        Kloset.read_config(backend)
+        return Kloset.open_soon(backend, read_passphrase())
 
 
 pass_app = click.make_pass_decorator(AppContext)

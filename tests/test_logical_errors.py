@@ -64,6 +64,19 @@ def test_wrong_password_is_clear_and_not_echoed(locked: LocalInstance, tmp_path:
     assert snapshots(tmp_path / "k") == []
 
 
+def test_wrong_passphrase_while_the_server_is_fine(locked: LocalInstance,
+                                                  tmp_path: Path) -> None:
+    """The key unlocks in the background while the server is checked; its failure still
+    stops the backup with one line, before any snapshot or pg_dump output is stored."""
+    make_kloset(tmp_path / "k")
+    before = sorted((tmp_path / "k").rglob("*"))
+    done = run_cli(tmp_path / "k", "backup", "logical", "--database", "lg_a",
+                   env={"PGKLOSET_DSN": locked.dsn("postgres", tcp=True),
+                        "PGKLOSET_PASSPHRASE": "not it"})
+    assert "wrong passphrase" in _one_error(done)
+    assert sorted((tmp_path / "k").rglob("*")) == before  # no lock, pack or snapshot left
+
+
 def test_missing_database(locked: LocalInstance, tmp_path: Path) -> None:
     make_kloset(tmp_path / "k")
     done = run_cli(tmp_path / "k", "backup", "logical", "--database", "lg_nope",

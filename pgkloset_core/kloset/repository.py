@@ -11,7 +11,9 @@ import contextlib
 import json
 import os
 import secrets
+import threading
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -116,6 +118,11 @@ class KlosetConfig:
         return cfg, doc
 
 
+def ready(kloset: Kloset | Future[Kloset]) -> Kloset:
+    """The kloset, waiting for a background ``open_soon`` if need be."""
+    return kloset.result() if isinstance(kloset, Future) else kloset
+
+
 def _canonical(doc: dict[str, Any]) -> bytes:
     return json.dumps(doc, separators=(",", ":"), sort_keys=True).encode()
 
@@ -166,6 +173,25 @@ class Kloset:
         except ObjectNotFound:
             raise NotAKloset(f"no kloset at {backend.url} (no config found; run `pgkloset init`)") from None
         return KlosetConfig.parse(data)
+
+    @classmethod
+    def open_soon(cls, backend: Backend, passphrase: str) -> Future[Kloset]:
+        """Open in a background thread: Argon2id (~0.2 s) runs while the caller connects.
+
+        Backups call this so the key unlock overlaps the server round trips
+        and tool start-up they need anyway; ``ready`` waits for the result
+        (and raises what ``open`` would have raised).
+        """
+        future: Future[Kloset] = Future()
+
+        def work() -> None:
+            try:
+                future.set_result(cls.open(backend, passphrase))
+            except BaseException as exc:  # noqa: BLE001 - handed to the waiting caller
+                future.set_exception(exc)
+
+        threading.Thread(target=work, daemon=True, name="pgkloset-unlock").start()
+        return future
 
     @classmethod
     def open(cls, backend: Backend, passphrase: str) -> Kloset:

@@ -61,7 +61,7 @@ def backup_logical_cmd(app: AppContext, dsn: str | None, databases: tuple[str, .
         raise UsageError("name databases with --database, or pass --all (not both)")
     if dsn is None and not os.environ.get(DSN_ENV):
         raise UsageError(f"no server: pass --dsn or set {DSN_ENV}")
-    kloset = app.open()
+    kloset = app.open_soon()  # unlocks while backup_logical connects to the server
     with byte_progress("backup logical") as progress:
         results = backup_logical(
             kloset, dsn or "", None if all_dbs else list(databases), exclude=exclude, fmt=fmt,

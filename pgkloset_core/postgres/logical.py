@@ -29,7 +29,7 @@ from typing import Any
 import psycopg
 
 from pgkloset_core.errors import KlosetError, UsageError
-from pgkloset_core.kloset.repository import Kloset
+from pgkloset_core.kloset.repository import Kloset, ready
 from pgkloset_core.kloset.snapshot import Entry
 from pgkloset_core.postgres.binaries import NoSuitableBinaries, PgBinaries, find_binaries
 from pgkloset_core.postgres.dumpmap import DUMP_MAP_KEY, CleanChunks, DumpMap, DumpScanner
@@ -122,7 +122,7 @@ def _can_read_authid(conn: psycopg.Connection[Any]) -> bool:
     return bool(row and row[0])
 
 
-def backup_logical(kloset: Kloset, dsn: str, databases: list[str] | None, *,
+def backup_logical(kloset: Kloset | Future[Kloset], dsn: str, databases: list[str] | None, *,
                    exclude: Iterable[str] = (), fmt: str = "custom", jobs: int = 1,
                    tags: Iterable[str] = (), server: str | None = None,
                    bin_dir: str | None = None, lock_wait: float = 0.0,
@@ -133,6 +133,8 @@ def backup_logical(kloset: Kloset, dsn: str, databases: list[str] | None, *,
     `databases=None` means every database that allows connections, templates
     excepted. All snapshots of one call share a ``run:...`` tag and meta
     ``run_id``. Raises a KlosetError (BackupCancelled when `cancel` is set).
+    `kloset` may still be opening (``Kloset.open_soon``): it is waited for
+    only once the server has been checked and the client tools chosen.
     """
     if fmt not in FORMATS:
         raise UsageError(f"unknown dump format {fmt!r} (choose custom or directory)")
@@ -148,6 +150,7 @@ def backup_logical(kloset: Kloset, dsn: str, databases: list[str] | None, *,
         chosen = _choose_databases(_list_databases(conn), databases, exclude, server_name)
         authid = _can_read_authid(conn)
     client = pick_client(sfacts["pg_major"], sfacts["pg_version"], bin_dir)
+    kloset = ready(kloset)
     run_tag = _run_tag()
     run_id = run_tag.removeprefix("run:")
     base_meta: dict[str, Any] = {

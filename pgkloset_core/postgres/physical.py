@@ -28,6 +28,7 @@ import tarfile
 import threading
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,7 @@ from typing import Any
 import psycopg
 
 from pgkloset_core.errors import KlosetError, UsageError
-from pgkloset_core.kloset.repository import Kloset
+from pgkloset_core.kloset.repository import Kloset, ready
 from pgkloset_core.kloset.snapshot import Entry, Snapshot
 from pgkloset_core.postgres.binaries import NoSuitableBinaries, PgBinaries, find_binaries
 from pgkloset_core.postgres.pgenv import (
@@ -372,7 +373,8 @@ def _basebackup_binaries(major: int, bin_dir: str | os.PathLike[str] | None) -> 
     return find_binaries(exact_major=major, tool="pg_basebackup")
 
 
-def backup_physical(kloset: Kloset, dsn: str | None, *, tags: Iterable[str] = (),
+def backup_physical(kloset: Kloset | Future[Kloset], dsn: str | None, *,
+                    tags: Iterable[str] = (),
                     fast_checkpoint: bool = False, server: str | None = None,
                     bin_dir: str | os.PathLike[str] | None = None, lock_wait: float = 0.0,
                     log: Log | None = None, cancel: threading.Event | None = None,
@@ -390,6 +392,7 @@ def backup_physical(kloset: Kloset, dsn: str | None, *, tags: Iterable[str] = ()
     if log:
         log(f"pg_basebackup {tool.version} from {name} (PostgreSQL {facts.version})")
     started = time.monotonic()
+    kloset = ready(kloset)  # may have been unlocking meanwhile (Kloset.open_soon)
     with kloset.lock(exclusive=False, operation="backup", wait=lock_wait) as lock, \
             kloset.writer(kind=KIND, tags=list(tags), lock=lock) as writer, \
             tool_env(target) as env, \

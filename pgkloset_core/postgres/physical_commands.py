@@ -35,7 +35,7 @@ def register(cli: click.Group, backup: click.Group) -> None:
         """Snapshot a whole PostgreSQL cluster (all databases, WAL included) file by file."""
         from pgkloset_core.postgres.physical import backup_physical
 
-        kloset = app.open()
+        kloset = app.open_soon()  # unlocks while backup_physical checks the server
         with byte_progress("backup physical") as progress:
             result = backup_physical(kloset, dsn, tags=tags, fast_checkpoint=fast_checkpoint,
                                      server=server, bin_dir=bin_dir, lock_wait=app.lock_wait,
