@@ -249,7 +249,8 @@ def parse_toc(buf: bytes | bytearray) -> tuple[list[TocEntry], int, int]:
             c.str()
         namespace = c.str() or ""
         c.str()  # tablespace
-        c.str()  # table access method
+        if version >= (1, 14, 0):
+            c.str()  # table access method
         if version >= (1, 16, 0):
             c.int()  # relkind
         c.str()  # owner
