@@ -201,15 +201,24 @@ class SnapshotWriter:
 
     def add_stream(self, name: str, stream: BinaryIO, *, entry_type: str = "stream",
                    progress: Progress | None = None,
-                   observe: Observer | None = None, **attrs: Any) -> Entry:
+                   observe: Observer | None = None, fixed: bool = False,
+                   **attrs: Any) -> Entry:
         """Chunk and store everything ``stream`` yields until EOF.
 
         ``observe(data, blob_id)`` sees every chunk in stream order, with its
         id (the dump scanner maps pg_dump's archive this way, without a second
-        pass, and skips chunks it knows).
+        pass, and skips chunks it knows). ``fixed`` cuts at every
+        ``avg_chunk`` bytes instead of content-defined boundaries: for files
+        changed in place (PostgreSQL's 8 KiB pages never shift), where
+        content-defined cutting finds nothing more and costs a pass over
+        every byte.
         """
         self._check_open(name)
-        chunks = (bytes(chunk.data) for chunk in self.chunker.cut_stream(stream))
+        if fixed:
+            size = self.kloset.config.avg_chunk
+            chunks: Iterable[bytes] = iter(lambda: _read_full(stream, size), b"")
+        else:
+            chunks = (bytes(chunk.data) for chunk in self.chunker.cut_stream(stream))
         return self.add_chunks(name, chunks, entry_type=entry_type, progress=progress,
                                observe=observe, **attrs)
 
@@ -406,6 +415,22 @@ class _RefList:
         if self.count:
             self._spill()
         entry.lists = self.lists
+
+
+def _read_full(stream: BinaryIO, size: int) -> bytes:
+    """Up to ``size`` bytes: fewer only at the end of the stream."""
+    data = stream.read(size)
+    if not data or len(data) == size:
+        return data
+    parts = [data]
+    got = len(data)
+    while got < size:
+        more = stream.read(size - got)
+        if not more:
+            break
+        parts.append(more)
+        got += len(more)
+    return b"".join(parts)
 
 
 def _current_user() -> str:

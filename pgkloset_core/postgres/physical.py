@@ -307,8 +307,10 @@ def _store_tar(writer: Any, stream: Any, progress: Progress | None) -> _StreamFa
                     capture = _Capture(source, _CAPTURE[name])
                 elif name == "backup_manifest":
                     capture = _Capture(source, _MANIFEST_TAIL, tail=True)
+                # Pages change in place: fixed-size chunks dedup as well as content-defined
+                # ones and skip the chunker's pass over every byte.
                 writer.add_stream(name, capture or source, entry_type="file",
-                                  progress=progress, **attrs)
+                                  progress=progress, fixed=True, **attrs)
                 if capture is not None:
                     facts.captured[name] = bytes(capture.data)
                 facts.files += 1
