@@ -374,6 +374,9 @@ def test_second_backup_maps_through_clean_chunks(source: LocalInstance,
                                                  tmp_path: Path) -> None:
     kloset = make_kloset(tmp_path / "k")
     first = backup_logical(kloset, source.dsn(), [DB])
+    from pgkloset_core.postgres.logical import _clean_chunks
+
+    assert len(_clean_chunks(kloset, [DB, "other"])[DB]) > 10  # the second backup skips these
     source.execute("INSERT INTO zz_late SELECT g, 'later ' || g FROM generate_series(51, 80) g",
                    DB)
     try:

@@ -162,6 +162,7 @@ def backup_logical(kloset: Kloset | Future[Kloset], dsn: str, databases: list[st
     all_tags = [*dict.fromkeys([*tags, run_tag])]
     results: list[LogicalBackupResult] = []
     with kloset.lock(exclusive=False, operation="backup", wait=lock_wait) as lock:
+        clean = _clean_chunks(kloset, chosen) if fmt == "custom" else {}
         results.append(_backup_globals(kloset, lock, maintenance, client, base_meta, all_tags,
                                        authid, log, cancel, progress))
         for db in chosen:
@@ -170,7 +171,7 @@ def backup_logical(kloset: Kloset | Future[Kloset], dsn: str, databases: list[st
                                       f"{db!r}; its snapshot was not made")
             results.append(_backup_database(kloset, lock, target.with_db(db), db, client,
                                             base_meta, all_tags, fmt, jobs, log, cancel,
-                                            progress))
+                                            progress, clean.get(db, frozenset())))
     return results
 
 
@@ -207,7 +208,8 @@ def _backup_globals(kloset: Kloset, lock: Any, target: ConnTarget, client: PgBin
 def _backup_database(kloset: Kloset, lock: Any, target: ConnTarget, db: str,
                      client: PgBinaries, base_meta: dict[str, Any], tags: list[str], fmt: str,
                      jobs: int, log: Log | None, cancel: threading.Event | None,
-                     progress: Progress | None) -> LogicalBackupResult:
+                     progress: Progress | None,
+                     clean: CleanChunks | frozenset[bytes]) -> LogicalBackupResult:
     meta: dict[str, Any] = {**base_meta, "database": db, "format": fmt,
                             "entry": dump_entry_name(db) if fmt == "custom" else "dump/"}
     with SnapshotSession(target) as session, tool_env(target) as env, \
@@ -221,7 +223,6 @@ def _backup_database(kloset: Kloset, lock: Any, target: ConnTarget, db: str,
             if fmt == "custom":
                 argv = [client.path("pg_dump"), "-Fc", *common]
                 scanner = DumpScanner()
-                clean = _clean_chunks(kloset, db)
 
                 def observe(data: bytes, blob_id: bytes) -> None:
                     scanner.feed(data, blob_id in clean)
@@ -249,22 +250,30 @@ def _backup_database(kloset: Kloset, lock: Any, target: ConnTarget, db: str,
         total_rows=int(found["total_rows"]), row_counts=dict(found["tables"]))
 
 
-def _clean_chunks(kloset: Kloset, db: str) -> CleanChunks | frozenset[bytes]:
-    """Chunks the previous mapped dump of ``db`` held inside table data (see dumpmap)."""
+def _clean_chunks(kloset: Kloset, databases: Iterable[str]) -> dict[str, CleanChunks]:
+    """Per database, the chunks its latest mapped dump held inside table data (dumpmap).
+
+    One listing of the kloset's snapshots serves every database of the run.
+    """
     from pgkloset_core.kloset.reader import iter_refs_of
 
+    wanted = set(databases)
+    out: dict[str, CleanChunks] = {}
     try:
         for snap in reversed(kloset.snapshots()):
-            if snap.kind != "logical" or snap.meta.get("database") != db:
+            db = snap.meta.get("database")
+            if snap.kind != "logical" or db not in wanted or db in out:
                 continue
             entry = snap.entry(str(snap.meta.get("entry") or ""))
             found = DumpMap.from_json(entry.meta.get(DUMP_MAP_KEY), entry.size) if entry \
                 else None
             if entry is not None and found is not None:
-                return CleanChunks.from_dump(found, iter_refs_of(kloset, snap, entry))
+                out[db] = CleanChunks.from_dump(found, iter_refs_of(kloset, snap, entry))
+                if len(out) == len(wanted):
+                    break
     except KlosetError:
         pass  # only a shortcut: without it the scanner reads every byte
-    return frozenset()
+    return out
 
 
 def _record_map(entry: Entry, scanner: DumpScanner, log: Log | None) -> None:

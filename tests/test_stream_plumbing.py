@@ -1,0 +1,48 @@
+"""The plumbing under every backup stream: tool pipes and fixed-size cutting."""
+
+from __future__ import annotations
+
+import fcntl
+import io
+import os
+import subprocess
+
+from pgkloset_core.kloset.reader import iter_refs_of
+from pgkloset_core.postgres.pgenv import PIPE_SIZE, ToolProcess
+
+
+def test_tool_pipes_are_widened() -> None:
+    """pg_dump may run 1 MiB ahead of the reader, not 64 KiB."""
+    with ToolProcess(["cat"], dict(os.environ), what="cat", stdin=subprocess.PIPE,
+                     stdout=subprocess.PIPE) as tool:
+        sizes = [fcntl.fcntl(p.fileno(), fcntl.F_GETPIPE_SZ) for p in (tool.stdin, tool.stdout)]
+        tool.stdin.close()
+        tool.stdout.read()
+        tool.check()
+    assert sizes == [PIPE_SIZE, PIPE_SIZE]
+
+
+class _Dribble(io.RawIOBase):
+    """A stream that returns at most 1000 bytes per read, like a slow pipe."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = memoryview(data)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
+        n = min(len(b), 1000, len(self._data))
+        b[:n] = self._data[:n]
+        self._data = self._data[n:]
+        return n
+
+
+def test_fixed_cuts_are_whole_chunks_even_from_short_reads(lib_kloset) -> None:
+    data = os.urandom(5 * lib_kloset.config.avg_chunk + 123)
+    with lib_kloset.writer(kind="stream") as w:
+        w.add_stream("f", _Dribble(data), fixed=True)
+        snap = w.commit()
+    lengths = [n for _id, n in iter_refs_of(lib_kloset, snap, snap.entries[0])]
+    assert lengths == [lib_kloset.config.avg_chunk] * 5 + [123]
+    assert b"".join(lib_kloset.read_entry(snap, snap.entries[0])) == data
