@@ -69,14 +69,22 @@ def backup() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @pass_app
 def backup_stream(app: AppContext, name: str, tags: tuple[str, ...], as_json: bool) -> None:
-    """Store standard input as one snapshot and print its id."""
+    """Store standard input as one snapshot and print its id.
+
+    The latest stream snapshot with an entry of the same name is the
+    previous version: unchanged parts are recognised without cutting them
+    again.
+    """
+    from pgkloset_core.kloset.reader import previous_version
+
     if sys.stdin.isatty():
         raise UsageError("backup stream reads the data from standard input; pipe something into it")
     kloset = app.open()
     with kloset.lock(exclusive=False, operation="backup", wait=app.lock_wait) as lock, \
             kloset.writer(kind="stream", tags=list(tags), lock=lock) as writer, \
             byte_progress(f"backup {name}") as progress:
-        writer.add_stream(name, sys.stdin.buffer, progress=progress)
+        previous = previous_version(kloset, name, kind="stream")
+        writer.add_stream(name, sys.stdin.buffer, progress=progress, previous=previous)
         snap = writer.commit()
     result = {
         "snapshot_id": snap.id,

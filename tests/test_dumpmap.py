@@ -374,9 +374,12 @@ def test_second_backup_maps_through_clean_chunks(source: LocalInstance,
                                                  tmp_path: Path) -> None:
     kloset = make_kloset(tmp_path / "k")
     first = backup_logical(kloset, source.dsn(), [DB])
-    from pgkloset_core.postgres.logical import _clean_chunks
+    from pgkloset_core.postgres.logical import previous_dumps
 
-    assert len(_clean_chunks(kloset, [DB, "other"])[DB]) > 10  # the second backup skips these
+    found = previous_dumps(kloset, [DB, "other"])
+    assert list(found) == [DB]
+    assert len(found[DB].clean) > 10  # the second backup skips these
+    assert len(found[DB].cuts) > 10  # and follows these
     source.execute("INSERT INTO zz_late SELECT g, 'later ' || g FROM generate_series(51, 80) g",
                    DB)
     try:
@@ -392,6 +395,9 @@ def test_second_backup_maps_through_clean_chunks(source: LocalInstance,
         dump = b"".join(kloset.read_entry(snap, entry))
         assert found == _scan(dump, 1 << 30).finish()  # the same as reading every byte
         maps.append(found)
+        followed = snap.summary["followed_bytes"]
+        # The first backup has nothing to follow; the second follows all but the end.
+        assert followed == 0 if results is first else followed > 0.9 * entry.size
     late = [b for b in maps[1].blocks if b[0] == maps[0].blocks[-3][0]]
     assert [b[0] for b in maps[0].blocks] == [b[0] for b in maps[1].blocks]
     assert late and late[0][2] > maps[0].blocks[-3][2]  # zz_late's block grew

@@ -18,6 +18,7 @@ from pgkloset_core.errors import CorruptObject
 from pgkloset_core.kloset.snapshot import CHUNK_REF, Entry, Snapshot, iter_refs
 
 if TYPE_CHECKING:
+    from pgkloset_core.kloset.cutter import PreviousCuts
     from pgkloset_core.kloset.repository import Kloset
 
 READ_AHEAD = 8
@@ -33,6 +34,26 @@ def iter_refs_of(kloset: Kloset, snapshot: Snapshot, entry: Entry) -> Iterator[t
         if len(data) % CHUNK_REF.size:
             raise CorruptObject(f"snapshot {snapshot.short_id}", f"list blob {list_id[:16]} is malformed")
         yield from iter_refs(data)
+
+
+def previous_version(kloset: Kloset, name: str, *, kind: str,
+                     snapshots: Sequence[Snapshot] | None = None) -> PreviousCuts | None:
+    """The chunk list of entry ``name`` in the latest snapshot of ``kind`` that has it.
+
+    The writer follows it to cut the new version for less CPU (kloset/cutter.py).
+    Only a shortcut: None when there is none or it cannot be read.
+    """
+    from pgkloset_core.errors import KlosetError
+    from pgkloset_core.kloset.cutter import PreviousCuts
+
+    try:
+        for snap in reversed(snapshots if snapshots is not None else kloset.snapshots()):
+            entry = snap.entry(name) if snap.kind == kind else None
+            if entry is not None and entry.type in ("stream", "file"):
+                return PreviousCuts(iter_refs_of(kloset, snap, entry))
+    except KlosetError:
+        pass
+    return None
 
 
 def iter_entry(kloset: Kloset, snapshot: Snapshot, entry: Entry, *,

@@ -33,6 +33,7 @@ from pyfastcdc import FastCDC
 
 from pgkloset_core.errors import KlosetError, UsageError
 from pgkloset_core.kloset.crypto import SALT_LEN, NonceCounter, content_hash
+from pgkloset_core.kloset.cutter import Cutter, HashedChunk, PreviousCuts
 from pgkloset_core.kloset.index import BLOB_DATA, BLOB_LIST, PackRecord, encode_delta
 from pgkloset_core.kloset.locks import Lock
 from pgkloset_core.kloset.pack import FinishedPack, PackBuilder, pack_name, seal_blob
@@ -48,9 +49,10 @@ from pgkloset_core.kloset.snapshot import (
 from pgkloset_core.storage.base import metadata_writes
 
 PACKS_PER_DELTA = 64
-BATCH_BYTES = 1024 * 1024  # chunk bytes per worker task
+BATCH_BYTES = 1024 * 1024  # chunk bytes per worker task (a hashed chunk counts a quarter)
 Prepared = tuple[bytes, int, bytes | None]  # blob id, length, sealed blob (None: known)
-Observer = Callable[[bytes, bytes], None]  # (chunk data, blob id), in stream order
+Data = bytes | memoryview
+Observer = Callable[[Data, bytes], None]  # (chunk data, blob id), in stream order
 Progress = Callable[[int], None]
 
 
@@ -59,6 +61,9 @@ class KnownChunk(NamedTuple):
 
     blob_id: bytes
     length: int
+
+
+_Pending = tuple[Future[list[Prepared]], list[Data | HashedChunk]]  # a batch at the workers
 
 
 class _BlobSink:
@@ -164,6 +169,7 @@ class SnapshotWriter:
         # An explicit time is for imports and tests that build a timeline; normally "now".
         self.start_time = start_time or datetime.now(UTC)
         self.logical_bytes = 0
+        self.followed_bytes = 0  # taken as a previous version predicted, without cutting
         self.sink = _BlobSink(kloset)
         self.workers = workers
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pgkloset-seal")
@@ -186,9 +192,12 @@ class SnapshotWriter:
             comp = self._local.zstd = zstandard.ZstdCompressor(level=self.kloset.config.zstd_level)
         return comp
 
-    def _prepare(self, data: bytes) -> Prepared:
+    def _prepare(self, chunk: Data | HashedChunk) -> Prepared:
         """Hash; seal only blobs the kloset does not hold yet (runs in a worker)."""
-        blob_id = self.kloset.master.chunk_id(data)
+        if isinstance(chunk, HashedChunk):
+            data, blob_id = chunk
+        else:
+            data, blob_id = chunk, self.kloset.master.chunk_id(chunk)
         if blob_id in self.sink.seen or self.index.lookup(blob_id) is not None:
             return blob_id, len(data), None
         return blob_id, len(data), self.sink.seal(BLOB_DATA, blob_id, data, self._compressor())
@@ -202,8 +211,12 @@ class SnapshotWriter:
     def add_stream(self, name: str, stream: BinaryIO, *, entry_type: str = "stream",
                    progress: Progress | None = None,
                    observe: Observer | None = None, fixed: bool = False,
-                   **attrs: Any) -> Entry:
+                   previous: PreviousCuts | None = None, **attrs: Any) -> Entry:
         """Chunk and store everything ``stream`` yields until EOF.
+
+        ``previous``: the chunk list of this stream's earlier version (another
+        snapshot's entry); the cutter follows it where the bytes are the same,
+        for the same chunks at less CPU (kloset/cutter.py).
 
         ``observe(data, blob_id)`` sees every chunk in stream order, with its
         id (the dump scanner maps pg_dump's archive this way, without a second
@@ -216,13 +229,18 @@ class SnapshotWriter:
         self._check_open(name)
         if fixed:
             size = self.kloset.config.avg_chunk
-            chunks: Iterable[bytes] = iter(lambda: _read_full(stream, size), b"")
+            chunks: Iterable[Data | HashedChunk] = iter(lambda: _read_full(stream, size), b"")
         else:
-            chunks = (bytes(chunk.data) for chunk in self.chunker.cut_stream(stream))
+            cutter = Cutter(self.chunker, self.kloset.master.chunk_id, previous)
+            try:
+                return self.add_chunks(name, cutter.cut(stream), entry_type=entry_type,
+                                       progress=progress, observe=observe, **attrs)
+            finally:
+                self.followed_bytes += cutter.followed_bytes
         return self.add_chunks(name, chunks, entry_type=entry_type, progress=progress,
                                observe=observe, **attrs)
 
-    def add_chunks(self, name: str, chunks: Iterable[bytes | KnownChunk], *,
+    def add_chunks(self, name: str, chunks: Iterable[Data | HashedChunk | KnownChunk], *,
                    entry_type: str = "stream", progress: Progress | None = None,
                    observe: Observer | None = None, **attrs: Any) -> Entry:
         """Store content already cut into chunks (``sync`` keeps the source's boundaries).
@@ -234,10 +252,10 @@ class SnapshotWriter:
         """
         self._check_open(name)
         refs = _RefList(self)
-        window: deque[tuple[Future[list[Prepared]], list[bytes]] | KnownChunk] = deque()
+        window: deque[_Pending | KnownChunk] = deque()
         depth = self.workers * 2
         size = 0
-        batch: list[bytes] = []
+        batch: list[Data | HashedChunk] = []
         batch_bytes = 0
 
         def submit() -> None:
@@ -254,12 +272,16 @@ class SnapshotWriter:
                     submit()
                     window.append(chunk)
                     length = chunk.length
+                elif isinstance(chunk, HashedChunk):
+                    length = len(chunk.data)
+                    batch.append(chunk)
+                    batch_bytes += length // 4
                 else:
                     length = len(chunk)
                     batch.append(chunk)
                     batch_bytes += length
-                    if batch_bytes >= BATCH_BYTES:
-                        submit()
+                if batch_bytes >= BATCH_BYTES:
+                    submit()
                 size += length
                 while len(window) >= depth:
                     self._take(window.popleft(), refs, observe)
@@ -280,10 +302,10 @@ class SnapshotWriter:
         self.entries.append(entry)
         return entry
 
-    def _prepare_batch(self, batch: list[bytes]) -> list[Prepared]:
-        return [self._prepare(data) for data in batch]
+    def _prepare_batch(self, batch: list[Data | HashedChunk]) -> list[Prepared]:
+        return [self._prepare(chunk) for chunk in batch]
 
-    def _take(self, item: tuple[Future[list[Prepared]], list[bytes]] | KnownChunk,
+    def _take(self, item: _Pending | KnownChunk,
               refs: _RefList, observe: Observer | None) -> None:
         """Consume in order, so a known chunk stored earlier in this entry is seen by now."""
         if isinstance(item, KnownChunk):
@@ -292,9 +314,9 @@ class SnapshotWriter:
             refs.append(item.blob_id, item.length)
             return
         future, batch = item
-        for data, result in zip(batch, future.result(), strict=True):
+        for chunk, result in zip(batch, future.result(), strict=True):
             if observe is not None:
-                observe(data, result[0])
+                observe(chunk.data if isinstance(chunk, HashedChunk) else chunk, result[0])
             self._consume(result, refs)
 
     def add_bytes(self, name: str, data: bytes, **attrs: Any) -> Entry:
@@ -360,6 +382,7 @@ class SnapshotWriter:
                     "chunks": self.chunk_count,
                     "seconds": round(seconds, 3),
                     "stored_bytes": self.sink.stored_bytes,
+                    "followed_bytes": self.followed_bytes,
                 },
                 program="pgkloset",
             )

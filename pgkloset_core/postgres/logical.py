@@ -24,7 +24,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 
@@ -42,6 +42,9 @@ from pgkloset_core.postgres.pgenv import (
     ToolProcess,
     tool_env,
 )
+
+if TYPE_CHECKING:
+    from pgkloset_core.kloset.cutter import PreviousCuts
 
 __all__ = ["BackupCancelled", "LogicalBackupResult", "backup_logical", "DatabaseNotFound"]
 
@@ -162,7 +165,7 @@ def backup_logical(kloset: Kloset | Future[Kloset], dsn: str, databases: list[st
     all_tags = [*dict.fromkeys([*tags, run_tag])]
     results: list[LogicalBackupResult] = []
     with kloset.lock(exclusive=False, operation="backup", wait=lock_wait) as lock:
-        clean = _clean_chunks(kloset, chosen) if fmt == "custom" else {}
+        previous = previous_dumps(kloset, chosen) if fmt == "custom" else {}
         results.append(_backup_globals(kloset, lock, maintenance, client, base_meta, all_tags,
                                        authid, log, cancel, progress))
         for db in chosen:
@@ -171,7 +174,7 @@ def backup_logical(kloset: Kloset | Future[Kloset], dsn: str, databases: list[st
                                       f"{db!r}; its snapshot was not made")
             results.append(_backup_database(kloset, lock, target.with_db(db), db, client,
                                             base_meta, all_tags, fmt, jobs, log, cancel,
-                                            progress, clean.get(db, frozenset())))
+                                            progress, previous.get(db)))
     return results
 
 
@@ -209,7 +212,7 @@ def _backup_database(kloset: Kloset, lock: Any, target: ConnTarget, db: str,
                      client: PgBinaries, base_meta: dict[str, Any], tags: list[str], fmt: str,
                      jobs: int, log: Log | None, cancel: threading.Event | None,
                      progress: Progress | None,
-                     clean: CleanChunks | frozenset[bytes]) -> LogicalBackupResult:
+                     previous: PreviousDump | None) -> LogicalBackupResult:
     meta: dict[str, Any] = {**base_meta, "database": db, "format": fmt,
                             "entry": dump_entry_name(db) if fmt == "custom" else "dump/"}
     with SnapshotSession(target) as session, tool_env(target) as env, \
@@ -223,14 +226,16 @@ def _backup_database(kloset: Kloset, lock: Any, target: ConnTarget, db: str,
             if fmt == "custom":
                 argv = [client.path("pg_dump"), "-Fc", *common]
                 scanner = DumpScanner()
+                clean = previous.clean if previous else frozenset()
 
-                def observe(data: bytes, blob_id: bytes) -> None:
+                def observe(data: bytes | memoryview, blob_id: bytes) -> None:
                     scanner.feed(data, blob_id in clean)
 
                 with ToolProcess(argv, env, what="pg_dump", stdout=-1, log=log,
                                  cancel=cancel) as tool:
                     entry = writer.add_stream(dump_entry_name(db), tool.stdout,
-                                              progress=progress, observe=observe)
+                                              progress=progress, observe=observe,
+                                              previous=previous.cuts if previous else None)
                     tool.check()
                 _record_map(entry, scanner, log)
             else:
@@ -250,29 +255,40 @@ def _backup_database(kloset: Kloset, lock: Any, target: ConnTarget, db: str,
         total_rows=int(found["total_rows"]), row_counts=dict(found["tables"]))
 
 
-def _clean_chunks(kloset: Kloset, databases: Iterable[str]) -> dict[str, CleanChunks]:
-    """Per database, the chunks its latest mapped dump held inside table data (dumpmap).
+@dataclass
+class PreviousDump:
+    """What a database's latest dump in the kloset tells tonight's backup of it."""
+
+    cuts: PreviousCuts  # its chunk list: the cutter follows it where nothing changed
+    clean: CleanChunks | frozenset[bytes]  # chunks inside table data: the scanner skips them
+
+
+def previous_dumps(kloset: Kloset, databases: Iterable[str]) -> dict[str, PreviousDump]:
+    """Per database, its latest custom-format dump in the kloset (only a shortcut).
 
     One listing of the kloset's snapshots serves every database of the run.
     """
+    from pgkloset_core.kloset.cutter import PreviousCuts
     from pgkloset_core.kloset.reader import iter_refs_of
 
     wanted = set(databases)
-    out: dict[str, CleanChunks] = {}
+    out: dict[str, PreviousDump] = {}
     try:
         for snap in reversed(kloset.snapshots()):
             db = snap.meta.get("database")
             if snap.kind != "logical" or db not in wanted or db in out:
                 continue
             entry = snap.entry(str(snap.meta.get("entry") or ""))
-            found = DumpMap.from_json(entry.meta.get(DUMP_MAP_KEY), entry.size) if entry \
-                else None
-            if entry is not None and found is not None:
-                out[db] = CleanChunks.from_dump(found, iter_refs_of(kloset, snap, entry))
-                if len(out) == len(wanted):
-                    break
+            if entry is None or entry.type != "stream":
+                continue  # a directory-format dump
+            cuts = PreviousCuts(iter_refs_of(kloset, snap, entry))
+            found = DumpMap.from_json(entry.meta.get(DUMP_MAP_KEY), entry.size)
+            clean = CleanChunks.from_dump(found, cuts.refs()) if found else frozenset()
+            out[db] = PreviousDump(cuts, clean)
+            if len(out) == len(wanted):
+                break
     except KlosetError:
-        pass  # only a shortcut: without it the scanner reads every byte
+        pass  # without it the backup cuts and scans every byte
     return out
 
 
