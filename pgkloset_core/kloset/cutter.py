@@ -11,8 +11,7 @@ the previous list to pick up the thread again. The result is the same
 chunks plain cutting gives, for less CPU (tests check both).
 
 The stream is read in large blocks by a thread of its own, ahead of the
-cutting; chunks are memoryviews into the blocks, not copies, and a block
-lives as long as a chunk of it is in flight.
+cutting, into a few blocks that are reused (fresh ones cost page faults).
 """
 
 from __future__ import annotations
@@ -27,7 +26,7 @@ from typing import BinaryIO, NamedTuple
 from pyfastcdc import FastCDC
 
 BLOCK_SIZE = 2 * 1024 * 1024  # bytes read before cutting (pipes give 1 MiB per read at most)
-READ_AHEAD_BLOCKS = 4  # blocks read ahead of the cutting
+READ_AHEAD_BYTES = 8 * 1024 * 1024  # read ahead of the cutting, in whole blocks (at least one)
 FOLLOW_MAX = 1 << 20  # chunks of a previous version remembered (~64 GiB at 64 KiB chunks)
 _POS_BITS = 24  # sort keys: id prefix with its low 24 bits replaced by the position
 _POS_MASK = (1 << _POS_BITS) - 1
@@ -38,7 +37,7 @@ ChunkId = Callable[[memoryview], bytes]
 class HashedChunk(NamedTuple):
     """A chunk whose id the cutter computed already (the writer does not hash it again)."""
 
-    data: memoryview
+    data: bytes
     blob_id: bytes
 
 
@@ -91,7 +90,7 @@ class PreviousCuts:
 
 
 class Cutter:
-    """Yields a stream's chunks: memoryviews, or HashedChunks when following a previous list."""
+    """Yields a stream's chunks: bytes, or HashedChunks when following a previous list."""
 
     def __init__(self, chunker: FastCDC, chunk_id: ChunkId,
                  previous: PreviousCuts | None = None, block_size: int = BLOCK_SIZE) -> None:
@@ -99,11 +98,12 @@ class Cutter:
         self.max_size = chunker.max_size
         self.chunk_id = chunk_id
         self.previous = previous if previous else None
-        self.block_size = max(block_size, 2 * self.max_size)
+        self.block_size = max(block_size, self.max_size)  # a tail plus a block holds a chunk
         self.followed_bytes = 0  # taken as predicted, without cutting
         self.cut_bytes = 0  # cut with FastCDC
+        self.blocks_allocated = 0  # read buffers made (the rest were reused)
 
-    def cut(self, stream: BinaryIO) -> Iterator[memoryview | HashedChunk]:
+    def cut(self, stream: BinaryIO) -> Iterator[bytes | HashedChunk]:
         head = self.max_size  # room before each block for the previous block's uncut tail
         reader = _ReadAhead(stream, head, self.block_size)
         try:
@@ -116,43 +116,44 @@ class Cutter:
                 block[p:head] = tail
                 view = memoryview(block)
                 # Cut only with max_size bytes ahead (or at the end): exactly as a
-                # cut over the whole stream at once would.
+                # cut over the whole stream at once would. Chunks are copied out,
+                # so the block goes back to the reader: memory stays at a few blocks.
                 while p < n and (eof or n - p >= self.max_size):
                     if self.previous is None:
                         length = self._cut_length(view[p:n])
                         self.cut_bytes += length
-                        yield view[p:p + length]
-                        p += length
-                        continue
-                    chunk, nxt = self._next_following(view, p, n, nxt)
-                    yield chunk
-                    p += len(chunk.data)
+                        yield bytes(view[p:p + length])
+                    else:
+                        length, blob_id, nxt = self._next_following(view, p, n, nxt)
+                        yield HashedChunk(bytes(view[p:p + length]), blob_id)
+                    p += length
                 tail = bytes(view[p:n])
-                del view
+                view.release()
+                reader.recycle(block)
         finally:
             reader.close()
+            self.blocks_allocated = reader.allocated
 
     def _next_following(self, view: memoryview, p: int, n: int,
-                        nxt: int | None) -> tuple[HashedChunk, int | None]:
+                        nxt: int | None) -> tuple[int, bytes, int | None]:
+        """The next chunk's length and id, and where in the previous list to look next."""
         prev = self.previous
         assert prev is not None
-        guess: HashedChunk | None = None
+        guess: tuple[int, bytes] | None = None
         if nxt is not None and nxt < len(prev) and n - p >= self.max_size:
             length = prev.lengths[nxt]
-            data = view[p:p + length]
-            guess = HashedChunk(data, self.chunk_id(data))
-            if _prefix(guess.blob_id) == prev.prefixes[nxt]:
+            guess = length, self.chunk_id(view[p:p + length])
+            if _prefix(guess[1]) == prev.prefixes[nxt]:
                 self.followed_bytes += length
-                return guess, nxt + 1
+                return length, guess[1], nxt + 1
         length = self._cut_length(view[p:n])
         self.cut_bytes += length
-        if guess is not None and len(guess.data) == length:
-            chunk = guess  # same cut, changed content: its hash is already known
+        if guess is not None and guess[0] == length:
+            blob_id = guess[1]  # same cut, changed content: its hash is already known
         else:
-            data = view[p:p + length]
-            chunk = HashedChunk(data, self.chunk_id(data))
-        found = prev.find(chunk.blob_id)
-        return chunk, (found + 1 if found is not None else None)
+            blob_id = self.chunk_id(view[p:p + length])
+        found = prev.find(blob_id)
+        return length, blob_id, (found + 1 if found is not None else None)
 
     def _cut_length(self, rest: memoryview) -> int:
         return next(iter(self.chunker.cut_buf(rest))).length
@@ -168,9 +169,12 @@ class _ReadAhead:
     """
 
     def __init__(self, stream: BinaryIO, head: int, block_size: int,
-                 depth: int = READ_AHEAD_BLOCKS) -> None:
+                 budget: int = READ_AHEAD_BYTES) -> None:
+        depth = max(1, budget // (head + block_size))
         self.queue: queue.Queue[tuple[bytearray, int, bool] | BaseException] = \
             queue.Queue(maxsize=depth)
+        self.free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
+        self.allocated = 0
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._run, args=(stream, head, block_size),
                                        name="pgkloset-read", daemon=True)
@@ -181,7 +185,11 @@ class _ReadAhead:
             readinto = _readinto(stream)
             eof = False
             while not eof and not self.stopped.is_set():
-                block = bytearray(head + block_size)
+                try:
+                    block = self.free.get_nowait()
+                except queue.Empty:
+                    block = bytearray(head + block_size)
+                    self.allocated += 1
                 view = memoryview(block)
                 n = head
                 while n < len(block):
@@ -208,6 +216,15 @@ class _ReadAhead:
         if isinstance(item, BaseException):
             raise item
         return item
+
+    def recycle(self, block: bytearray) -> None:
+        """Hand a block back for reading into; only once nothing else views it."""
+        try:
+            block.append(0)  # a block still viewed cannot be resized: never reuse it then
+        except BufferError:
+            return
+        block.pop()
+        self.free.put(block)
 
     def close(self) -> None:
         """Stop reading (the thread ends at its next block, or at the stream's end)."""

@@ -49,7 +49,7 @@ from pgkloset_core.kloset.snapshot import (
 from pgkloset_core.storage.base import metadata_writes
 
 PACKS_PER_DELTA = 64
-BATCH_BYTES = 1024 * 1024  # chunk bytes per worker task (a hashed chunk counts a quarter)
+BATCH_BYTES = 1024 * 1024  # chunk bytes per worker task (a hashed chunk counts half)
 Prepared = tuple[bytes, int, bytes | None]  # blob id, length, sealed blob (None: known)
 Data = bytes | memoryview
 Observer = Callable[[Data, bytes], None]  # (chunk data, blob id), in stream order
@@ -275,7 +275,7 @@ class SnapshotWriter:
                 elif isinstance(chunk, HashedChunk):
                     length = len(chunk.data)
                     batch.append(chunk)
-                    batch_bytes += length // 4
+                    batch_bytes += length // 2
                 else:
                     length = len(chunk)
                     batch.append(chunk)
