@@ -270,3 +270,19 @@ def test_read_buffers_are_reused_so_memory_stays_flat() -> None:
         assert b"".join(got) == data
         # ~21 blocks of 2 MiB went through; a handful of buffers carried them.
         assert cutter.blocks_allocated <= 8
+
+
+def test_huge_chunk_settings_read_in_the_callers_thread() -> None:
+    """Blocks of 4 MiB maximum chunks exceed the read-ahead budget: no thread, same cuts."""
+    import threading
+
+    huge = FastCDC(1 << 20, min_size=1 << 18, max_size=1 << 22, normalized_chunking=3, seed=1)
+    data = random.Random(4).randbytes(20 * 1024 * 1024)
+    before = {t for t in threading.enumerate() if t.name == "pgkloset-read"}
+    cutter = Cutter(huge, chunk_id)
+    chunks = cutter.cut(io.BytesIO(data))
+    first = next(chunks)
+    assert {t for t in threading.enumerate() if t.name == "pgkloset-read"} == before
+    got = [first, *chunks]
+    assert got == [bytes(c.data) for c in huge.cut_buf(data)]
+    assert cutter.blocks_allocated == 1

@@ -26,7 +26,7 @@ from typing import BinaryIO, NamedTuple
 from pyfastcdc import FastCDC
 
 BLOCK_SIZE = 2 * 1024 * 1024  # bytes read before cutting (pipes give 1 MiB per read at most)
-READ_AHEAD_BYTES = 8 * 1024 * 1024  # read ahead of the cutting, in whole blocks (at least one)
+READ_AHEAD_BYTES = 6 * 1024 * 1024  # blocks read ahead of the cutting (a thread needs two)
 FOLLOW_MAX = 1 << 20  # chunks of a previous version remembered (~64 GiB at 64 KiB chunks)
 _POS_BITS = 24  # sort keys: id prefix with its low 24 bits replaced by the position
 _POS_MASK = (1 << _POS_BITS) - 1
@@ -170,36 +170,42 @@ class _ReadAhead:
 
     def __init__(self, stream: BinaryIO, head: int, block_size: int,
                  budget: int = READ_AHEAD_BYTES) -> None:
-        depth = max(1, budget // (head + block_size))
-        self.queue: queue.Queue[tuple[bytearray, int, bool] | BaseException] = \
-            queue.Queue(maxsize=depth)
+        self.readinto = _readinto(stream)
+        self.size = head + block_size
+        self.head = head
         self.free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
         self.allocated = 0
+        self.eof = False
         self.stopped = threading.Event()
-        self.thread = threading.Thread(target=self._run, args=(stream, head, block_size),
-                                       name="pgkloset-read", daemon=True)
-        self.thread.start()
+        # Blocks too large for the budget (huge chunk settings) are read in the
+        # caller's thread, one at a time: memory before speed.
+        self.threaded = 2 * self.size <= budget
+        self.queue: queue.Queue[tuple[bytearray, int, bool] | BaseException] = \
+            queue.Queue(maxsize=max(1, budget // self.size - 1))
+        if self.threaded:
+            threading.Thread(target=self._run, name="pgkloset-read", daemon=True).start()
 
-    def _run(self, stream: BinaryIO, head: int, block_size: int) -> None:
+    def _fill(self) -> tuple[bytearray, int, bool]:
         try:
-            readinto = _readinto(stream)
-            eof = False
-            while not eof and not self.stopped.is_set():
-                try:
-                    block = self.free.get_nowait()
-                except queue.Empty:
-                    block = bytearray(head + block_size)
-                    self.allocated += 1
-                view = memoryview(block)
-                n = head
-                while n < len(block):
-                    got = readinto(view[n:])
-                    if not got:
-                        eof = True
-                        break
-                    n += got
-                del view
-                self._put((block, n, eof))
+            block = self.free.get_nowait()
+        except queue.Empty:
+            block = bytearray(self.size)
+            self.allocated += 1
+        view = memoryview(block)
+        n = self.head
+        while n < len(block):
+            got = self.readinto(view[n:])
+            if not got:
+                self.eof = True
+                break
+            n += got
+        view.release()
+        return block, n, self.eof
+
+    def _run(self) -> None:
+        try:
+            while not self.eof and not self.stopped.is_set():
+                self._put(self._fill())
         except BaseException as exc:  # handed to the consumer, raised there
             self._put(exc)
 
@@ -212,6 +218,8 @@ class _ReadAhead:
                 continue
 
     def get(self) -> tuple[bytearray, int, bool]:
+        if not self.threaded:
+            return self._fill()
         item = self.queue.get()
         if isinstance(item, BaseException):
             raise item
