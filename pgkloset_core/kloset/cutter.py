@@ -162,10 +162,10 @@ class Cutter:
 class _ReadAhead:
     """Reads the stream in a thread of its own, a few blocks ahead of the cutting.
 
-    Without it the producer (pg_dump) stalls on a full pipe whenever the
-    cutter is busy, and its server backend with it: reading and cutting then
-    take turns instead of overlapping (measured: a third slower on the parts
-    of a dump that changed).
+    Without it the producer (pg_dump) waits on a full pipe whenever the
+    cutter is busy, so reading and cutting take turns instead of
+    overlapping. (On the benchmark's two cores this made no wall-time
+    difference of its own that the noise would show.)
     """
 
     def __init__(self, stream: BinaryIO, head: int, block_size: int,

@@ -36,8 +36,7 @@ def iter_refs_of(kloset: Kloset, snapshot: Snapshot, entry: Entry) -> Iterator[t
         yield from iter_refs(data)
 
 
-def previous_version(kloset: Kloset, name: str, *, kind: str,
-                     snapshots: Sequence[Snapshot] | None = None) -> PreviousCuts | None:
+def previous_version(kloset: Kloset, name: str, *, kind: str) -> PreviousCuts | None:
     """The chunk list of entry ``name`` in the latest snapshot of ``kind`` that has it.
 
     The writer follows it to cut the new version for less CPU (kloset/cutter.py).
@@ -47,7 +46,7 @@ def previous_version(kloset: Kloset, name: str, *, kind: str,
     from pgkloset_core.kloset.cutter import PreviousCuts
 
     try:
-        for snap in reversed(snapshots if snapshots is not None else kloset.snapshots()):
+        for snap in reversed(kloset.snapshots()):
             entry = snap.entry(name) if snap.kind == kind else None
             if entry is not None and entry.type in ("stream", "file"):
                 return PreviousCuts(iter_refs_of(kloset, snap, entry))

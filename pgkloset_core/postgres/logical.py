@@ -228,7 +228,7 @@ def _backup_database(kloset: Kloset, lock: Any, target: ConnTarget, db: str,
                 scanner = DumpScanner()
                 clean = previous.clean if previous else frozenset()
 
-                def observe(data: bytes | memoryview, blob_id: bytes) -> None:
+                def observe(data: bytes, blob_id: bytes) -> None:
                     scanner.feed(data, blob_id in clean)
 
                 with ToolProcess(argv, env, what="pg_dump", stdout=-1, log=log,
