@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import fcntl
 import io
+import os
 import random
+import threading
+import time
 from pathlib import Path
 
 import blake3
 import pytest
 from pyfastcdc import FastCDC
 
-from pgkloset_core.kloset.cutter import Cutter, HashedChunk, PreviousCuts
+from pgkloset_core.kloset.cutter import PATIENT_PIPE, Cutter, HashedChunk, PreviousCuts
 from pgkloset_core.kloset.reader import iter_refs_of, previous_version
 from pgkloset_core.kloset.repository import Kloset
 from tests.fixtures.kloset import CliKloset, RunCli, backup_json
@@ -286,3 +290,46 @@ def test_huge_chunk_settings_read_in_the_callers_thread() -> None:
     got = [first, *chunks]
     assert got == [bytes(c.data) for c in huge.cut_buf(data)]
     assert cutter.blocks_allocated == 1
+
+
+def _pipe_writer(fd: int, data: bytes, piece: int) -> threading.Thread:
+    """Write ``data`` into a pipe in small pieces, like pg_dump's 4-8 KiB writes."""
+
+    def run() -> None:
+        with os.fdopen(fd, "wb", buffering=0) as out:
+            for i in range(0, len(data), piece):
+                out.write(data[i:i + piece])
+                if i % (64 * piece) == 0:
+                    time.sleep(0.001)  # a producer slower than the reader
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_pipe_is_widened_and_read_in_large_pieces() -> None:
+    """A reader faster than the producer waits for the pipe to fill instead of
+    waking for every small write (each wake a GIL hand-off); same chunks."""
+    data = random.Random(7).randbytes(6 << 20)
+    r, w = os.pipe()
+    fcntl.fcntl(r, fcntl.F_SETPIPE_SZ, 64 * 1024)  # what a shell pipeline gets
+    piece = 4096
+    writer = _pipe_writer(w, data, piece)
+    cutter = Cutter(chunker(), chunk_id)
+    with os.fdopen(r, "rb") as stream:
+        got = [bytes(c) for c in cutter.cut(stream)]
+        assert fcntl.fcntl(stream.fileno(), fcntl.F_GETPIPE_SZ) >= PATIENT_PIPE
+    writer.join()
+    assert got == whole_cut(data)
+    writes = len(data) // piece
+    assert cutter.read_waits > 0
+    assert cutter.read_calls < writes // 8, (cutter.read_calls, writes)
+
+
+def test_streams_that_are_no_pipes_are_read_without_waiting() -> None:
+    data = random.Random(8).randbytes(4 << 20)
+    cutter = Cutter(chunker(), chunk_id)
+    # ShortReads gives as little as one byte per read: a wait per read would take minutes.
+    assert [bytes(c) for c in cutter.cut(ShortReads(data, 3))] == whole_cut(data)  # type: ignore[arg-type]
+    assert cutter.read_calls > 20
+    assert cutter.read_waits == 0
