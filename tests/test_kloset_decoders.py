@@ -18,7 +18,7 @@ import struct
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from pgkloset_core.errors import CorruptObject, KlosetError
@@ -30,8 +30,11 @@ from pgkloset_core.kloset.index import (
     BLOB_TYPES,
     INDEX_MAGIC,
     BlobEntry,
+    BlobIndex,
+    BlobLocation,
     PackRecord,
     decode_delta,
+    decode_delta_run,
     encode_delta,
 )
 from pgkloset_core.kloset.keys import KEYS_PREFIX, make_key_file, parse_key_file
@@ -282,10 +285,44 @@ def test_delta_round_trip(packs, superseded) -> None:
 @example(INDEX_MAGIC + struct.pack("<BII", 1, 2**32 - 1, 2**32 - 1))
 def test_decode_delta(data: bytes) -> None:
     result = expect_own_errors(decode_delta, data, "index/x")
+    run = expect_own_errors(decode_delta_run, data, "index/x")
+    assert (result is None) == (run is None)  # the compact parser accepts exactly the same
     if result is not None:
-        packs, _ = result
+        packs, superseded = result
         for pack in packs:
             assert len(pack.pack_id) == 64 and all(b.blob_type in BLOB_TYPES for b in pack.blobs)
+        assert run.superseded == tuple(superseded)
+        assert run.packs == tuple((p.pack_id, p.salt) for p in packs)
+
+
+def _index_rows(index: BlobIndex) -> list[tuple[bytes, BlobLocation]]:
+    return sorted(index.items(), key=lambda item: item[0])
+
+
+@FUZZ
+@given(deltas=st.lists(st.lists(pack_records, max_size=4), max_size=5),
+       twins=st.integers(0, 3))
+def test_index_from_runs_equals_the_index_from_records(deltas, twins) -> None:
+    """Merging sorted runs gives the index that building from PackRecords gives:
+    same blobs, locations, packs; a blob stored twice (two writers) appears once."""
+    if deltas and deltas[0] and deltas[0][0].blobs:  # the same blob again, in other packs
+        twin = deltas[0][0].blobs[0]
+        for i in range(twins):
+            deltas.append([PackRecord(f"{i:02x}" * 32, bytes(32), (twin,))])
+    pack_ids = [p.pack_id for packs in deltas for p in packs]
+    assume(len(set(pack_ids)) == len(pack_ids))  # pack ids are content hashes
+    runs = [decode_delta_run(encode_delta(packs), "d") for packs in deltas]
+    merged = BlobIndex.from_runs(runs)
+    built = BlobIndex.build(p for packs in deltas for p in packs)
+    assert [blob_id for blob_id, _ in _index_rows(merged)] == [b for b, _ in _index_rows(built)]
+    ids = sorted({b.blob_id for packs in deltas for p in packs for b in p.blobs})
+    assert len(merged) == len(ids)
+    for blob_id in ids:  # each location is one of the blob's real ones
+        loc = merged.lookup(blob_id)
+        assert loc is not None and any(
+            (p.pack_id, p.salt, b.blob_type, b.offset, b.length, b.raw_length)
+            == (loc.pack_id, loc.salt, loc.blob_type, loc.offset, loc.length, loc.raw_length)
+            for packs in deltas for p in packs for b in p.blobs if b.blob_id == blob_id)
 
 
 # ------------------------------------------------------------------ packs and blobs

@@ -9,6 +9,7 @@ costs; lookups are a binary search.
 
 from __future__ import annotations
 
+import heapq
 import struct
 from array import array
 from bisect import bisect_left
@@ -26,6 +27,7 @@ INDEX_MAGIC = b"PGKI"
 INDEX_VERSION = 1
 _RECORD = struct.Struct("<32sBIII")  # blob id, type, offset, length, raw length
 _PACK_HEAD = struct.Struct("<32s32sI")  # pack id, pack salt, blob count
+_KEYED = struct.Struct("<32sBIIII")  # a record and its pack's number: sorts by blob id
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +111,63 @@ def decode_delta(data: bytes, name: str) -> tuple[list[PackRecord], list[str]]:
         raise CorruptObject(name, "truncated") from None
 
 
+@dataclass(frozen=True, slots=True)
+class DeltaRun:
+    """A delta's blobs as one buffer of KEYED records sorted by id: ~50 bytes a blob.
+
+    Loading thousands of deltas as PackRecord objects cost ~360 bytes a blob
+    at the peak, and most of it stayed resident after the build (62 MiB for
+    160,000 blobs); a run holds no object per blob.
+    """
+
+    records: bytes
+    packs: tuple[tuple[str, bytes], ...]  # (pack id, salt) by the records' pack numbers
+    superseded: tuple[str, ...]
+
+
+def decode_delta_run(data: bytes, name: str) -> DeltaRun:
+    """Like decode_delta (the same checks), into a sorted run."""
+    try:
+        if data[:4] != INDEX_MAGIC:
+            raise CorruptObject(name, "not an index delta")
+        version, npacks, nsup = struct.unpack_from("<BII", data, 4)
+        if version != INDEX_VERSION:
+            raise CorruptObject(name, f"unsupported index version {version}")
+        pos = 13
+        if nsup > (len(data) - pos) // ID_LEN:
+            raise CorruptObject(name, "truncated")
+        superseded = tuple(data[pos + i * ID_LEN : pos + (i + 1) * ID_LEN].hex() for i in range(nsup))
+        pos += nsup * ID_LEN
+        packs = []
+        keys: list[bytes] = []
+        size = _RECORD.size
+        for no in range(npacks):
+            pack_id, salt, count = _PACK_HEAD.unpack_from(data, pos)
+            pos += _PACK_HEAD.size
+            if count > (len(data) - pos) // size:
+                raise CorruptObject(name, "truncated")
+            tag = no.to_bytes(4, "little")
+            end = pos + count * size
+            for rec in range(pos, end, size):
+                if data[rec + ID_LEN] not in BLOB_TYPES:
+                    raise CorruptObject(name, f"unknown blob type {data[rec + ID_LEN]}")
+                keys.append(data[rec : rec + size] + tag)
+            pos = end
+            packs.append((pack_id.hex(), salt))
+        if pos != len(data):
+            raise CorruptObject(name, "trailing bytes")
+        keys.sort()
+        return DeltaRun(b"".join(keys), tuple(packs), superseded)
+    except struct.error:
+        raise CorruptObject(name, "truncated") from None
+
+
+def _run_keys(run: DeltaRun, r: int) -> Iterator[tuple[bytes, int]]:
+    buf, size = run.records, _KEYED.size
+    for i in range(0, len(buf), size):
+        yield buf[i : i + size], r
+
+
 class _SortedIds:
     """Sequence view of a sorted id bytearray, for bisect."""
 
@@ -154,6 +213,27 @@ class BlobIndex:
             last = blob_id
             index._ids += blob_id
             index._pack_no.append(no)
+            index._type.append(btype)
+            index._offset.append(offset)
+            index._length.append(length)
+            index._raw.append(raw)
+        return index
+
+    @classmethod
+    def from_runs(cls, runs: Iterable[DeltaRun]) -> BlobIndex:
+        """Merge sorted delta runs: the same index as ``build``, one blob in flight at a time."""
+        index = cls()
+        runs = list(runs)
+        numbers = [[index._pack_number(pack_id, salt) for pack_id, salt in run.packs] for run in runs]
+        last = None
+        unpack = _KEYED.unpack
+        for key, r in heapq.merge(*(_run_keys(run, r) for r, run in enumerate(runs))):
+            blob_id, btype, offset, length, raw, no = unpack(key)
+            if blob_id == last:  # the same blob stored twice (concurrent writers)
+                continue
+            last = blob_id
+            index._ids += blob_id
+            index._pack_no.append(numbers[r][no])
             index._type.append(btype)
             index._offset.append(offset)
             index._length.append(length)

@@ -30,7 +30,13 @@ from pgkloset_core.errors import (
 )
 from pgkloset_core.kloset import locks
 from pgkloset_core.kloset.crypto import MasterKey, content_hash
-from pgkloset_core.kloset.index import BlobIndex, PackRecord, decode_delta
+from pgkloset_core.kloset.index import (
+    BlobIndex,
+    DeltaRun,
+    PackRecord,
+    decode_delta,
+    decode_delta_run,
+)
 from pgkloset_core.kloset.keys import KEYS_PREFIX, KdfCost, KeyFile, make_key_file, parse_key_file
 from pgkloset_core.kloset.pack import open_blob, pack_name
 from pgkloset_core.kloset.sealed import KIND_INDEX, KIND_SNAPSHOT, seal_json, unseal, unseal_json
@@ -268,18 +274,20 @@ class Kloset:
     def load_index(self, *, refresh: bool = False) -> BlobIndex:
         """All index deltas, merged (deltas superseded by a compaction are skipped)."""
         if self._index is None or refresh:
-            deltas = {}
+            runs: dict[str, DeltaRun] = {}
             superseded: set[str] = set()
             for name in self.index_names():
                 try:
-                    packs, sup = self.read_index_delta(name)
+                    data = self.backend.read(name)
                 except ObjectNotFound:
                     continue  # removed by a concurrent prune after listing
-                deltas[name] = packs
-                superseded.update(INDEX_PREFIX + s for s in sup)
-            self._index = BlobIndex.build(
-                p for name, packs in deltas.items() if name not in superseded for p in packs
-            )
+                if content_hash(data) != name.removeprefix(INDEX_PREFIX):
+                    raise CorruptObject(name, "content does not match its name")
+                run = decode_delta_run(unseal(self.master, KIND_INDEX, data, name), name)
+                runs[name] = run
+                superseded.update(INDEX_PREFIX + s for s in run.superseded)
+            self._index = BlobIndex.from_runs(
+                run for name, run in runs.items() if name not in superseded)
         return self._index
 
     # -- snapshots ------------------------------------------------------------
