@@ -4,7 +4,8 @@ Written as immutable deltas, one per writer session (``index/<hash>``), so
 concurrent writers never overwrite each other. Loaded into a compact form:
 blob ids sorted in one ``bytearray`` (32 bytes each) with parallel arrays for
 the location, about 50 bytes per blob instead of the ~200 a dict of tuples
-costs; lookups are a binary search.
+costs; lookups are a binary search. Loading sorts each delta on its own into
+one buffer and merges those runs, so no object per blob is ever made.
 """
 
 from __future__ import annotations
