@@ -75,22 +75,24 @@ def encode_delta(packs: Iterable[PackRecord], supersedes: Iterable[str] = ()) ->
     return bytes(out)
 
 
+def _delta_head(data: bytes, name: str) -> tuple[int, list[str], int]:
+    """Pack count, superseded delta ids and where the packs start (struct.error if short)."""
+    if data[:4] != INDEX_MAGIC:
+        raise CorruptObject(name, "not an index delta")
+    version, npacks, nsup = struct.unpack_from("<BII", data, 4)
+    if version != INDEX_VERSION:
+        raise CorruptObject(name, f"unsupported index version {version}")
+    pos = 13
+    if nsup > (len(data) - pos) // ID_LEN:
+        raise CorruptObject(name, "truncated")
+    superseded = [data[pos + i * ID_LEN : pos + (i + 1) * ID_LEN].hex() for i in range(nsup)]
+    return npacks, superseded, pos + nsup * ID_LEN
+
+
 def decode_delta(data: bytes, name: str) -> tuple[list[PackRecord], list[str]]:
     """Packs and the superseded delta ids; malformed input is a CorruptObject."""
     try:
-        if data[:4] != INDEX_MAGIC:
-            raise CorruptObject(name, "not an index delta")
-        version, npacks, nsup = struct.unpack_from("<BII", data, 4)
-        if version != INDEX_VERSION:
-            raise CorruptObject(name, f"unsupported index version {version}")
-        pos = 13
-        superseded = []
-        for _ in range(nsup):
-            chunk = data[pos : pos + ID_LEN]
-            if len(chunk) != ID_LEN:
-                raise CorruptObject(name, "truncated")
-            superseded.append(chunk.hex())
-            pos += ID_LEN
+        npacks, superseded, pos = _delta_head(data, name)
         packs = []
         for _ in range(npacks):
             pack_id, salt, count = _PACK_HEAD.unpack_from(data, pos)
@@ -129,16 +131,8 @@ class DeltaRun:
 def decode_delta_run(data: bytes, name: str) -> DeltaRun:
     """Like decode_delta (the same checks), into a sorted run."""
     try:
-        if data[:4] != INDEX_MAGIC:
-            raise CorruptObject(name, "not an index delta")
-        version, npacks, nsup = struct.unpack_from("<BII", data, 4)
-        if version != INDEX_VERSION:
-            raise CorruptObject(name, f"unsupported index version {version}")
-        pos = 13
-        if nsup > (len(data) - pos) // ID_LEN:
-            raise CorruptObject(name, "truncated")
-        superseded = tuple(data[pos + i * ID_LEN : pos + (i + 1) * ID_LEN].hex() for i in range(nsup))
-        pos += nsup * ID_LEN
+        npacks, superseded_list, pos = _delta_head(data, name)
+        superseded = tuple(superseded_list)
         packs = []
         keys: list[bytes] = []
         size = _RECORD.size
