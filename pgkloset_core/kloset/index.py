@@ -131,8 +131,7 @@ class DeltaRun:
 def decode_delta_run(data: bytes, name: str) -> DeltaRun:
     """Like decode_delta (the same checks), into a sorted run."""
     try:
-        npacks, superseded_list, pos = _delta_head(data, name)
-        superseded = tuple(superseded_list)
+        npacks, superseded, pos = _delta_head(data, name)
         packs = []
         keys: list[bytes] = []
         size = _RECORD.size
@@ -152,7 +151,7 @@ def decode_delta_run(data: bytes, name: str) -> DeltaRun:
         if pos != len(data):
             raise CorruptObject(name, "trailing bytes")
         keys.sort()
-        return DeltaRun(b"".join(keys), tuple(packs), superseded)
+        return DeltaRun(b"".join(keys), tuple(packs), tuple(superseded))
     except struct.error:
         raise CorruptObject(name, "truncated") from None
 

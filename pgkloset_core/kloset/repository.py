@@ -266,10 +266,14 @@ class Kloset:
         return sorted(o.name for o in self.backend.list(INDEX_PREFIX))
 
     def read_index_delta(self, name: str) -> tuple[list[PackRecord], list[str]]:
+        return decode_delta(self._index_payload(name), name)
+
+    def _index_payload(self, name: str) -> bytes:
+        """An index delta's plaintext, checked against its name and key."""
         data = self.backend.read(name)
         if content_hash(data) != name.removeprefix(INDEX_PREFIX):
             raise CorruptObject(name, "content does not match its name")
-        return decode_delta(unseal(self.master, KIND_INDEX, data, name), name)
+        return unseal(self.master, KIND_INDEX, data, name)
 
     def load_index(self, *, refresh: bool = False) -> BlobIndex:
         """All index deltas, merged (deltas superseded by a compaction are skipped)."""
@@ -278,12 +282,9 @@ class Kloset:
             superseded: set[str] = set()
             for name in self.index_names():
                 try:
-                    data = self.backend.read(name)
+                    run = decode_delta_run(self._index_payload(name), name)
                 except ObjectNotFound:
                     continue  # removed by a concurrent prune after listing
-                if content_hash(data) != name.removeprefix(INDEX_PREFIX):
-                    raise CorruptObject(name, "content does not match its name")
-                run = decode_delta_run(unseal(self.master, KIND_INDEX, data, name), name)
                 runs[name] = run
                 superseded.update(INDEX_PREFIX + s for s in run.superseded)
             self._index = BlobIndex.from_runs(
