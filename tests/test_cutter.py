@@ -14,7 +14,7 @@ import blake3
 import pytest
 from pyfastcdc import FastCDC
 
-from pgkloset_core.kloset.cutter import PATIENT_PIPE, Cutter, HashedChunk, PreviousCuts
+from pgkloset_core.kloset.cutter import PIPE_SIZE, Cutter, HashedChunk, PreviousCuts
 from pgkloset_core.kloset.reader import iter_refs_of, previous_version
 from pgkloset_core.kloset.repository import Kloset
 from tests.fixtures.kloset import CliKloset, RunCli, backup_json
@@ -307,29 +307,25 @@ def _pipe_writer(fd: int, data: bytes, piece: int) -> threading.Thread:
     return thread
 
 
-def test_a_pipe_is_widened_and_read_in_large_pieces() -> None:
-    """A reader faster than the producer waits for the pipe to fill instead of
-    waking for every small write (each wake a GIL hand-off); same chunks."""
+def test_a_shell_pipe_is_widened_and_cut_as_a_whole() -> None:
+    """A 64 KiB shell pipe is widened so pg_dump can write ahead of the reader;
+    small writes from a producer slower than the reader give the same chunks."""
     data = random.Random(7).randbytes(6 << 20)
     r, w = os.pipe()
     fcntl.fcntl(r, fcntl.F_SETPIPE_SZ, 64 * 1024)  # what a shell pipeline gets
-    piece = 4096
-    writer = _pipe_writer(w, data, piece)
+    writer = _pipe_writer(w, data, 4096)
     cutter = Cutter(chunker(), chunk_id)
     with os.fdopen(r, "rb") as stream:
         got = [bytes(c) for c in cutter.cut(stream)]
-        assert fcntl.fcntl(stream.fileno(), fcntl.F_GETPIPE_SZ) >= PATIENT_PIPE
+        assert fcntl.fcntl(stream.fileno(), fcntl.F_GETPIPE_SZ) >= PIPE_SIZE
     writer.join()
     assert got == whole_cut(data)
-    writes = len(data) // piece
-    assert cutter.read_waits > 0
-    assert cutter.read_calls < writes // 8, (cutter.read_calls, writes)
+    assert cutter.read_calls > 1
 
 
-def test_streams_that_are_no_pipes_are_read_without_waiting() -> None:
+def test_streams_that_are_no_pipes_are_read_as_they_come() -> None:
     data = random.Random(8).randbytes(4 << 20)
     cutter = Cutter(chunker(), chunk_id)
-    # ShortReads gives as little as one byte per read: a wait per read would take minutes.
+    # ShortReads gives as little as one byte per read.
     assert [bytes(c) for c in cutter.cut(ShortReads(data, 3))] == whole_cut(data)  # type: ignore[arg-type]
     assert cutter.read_calls > 20
-    assert cutter.read_waits == 0

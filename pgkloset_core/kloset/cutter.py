@@ -17,13 +17,11 @@ cutting, into a few blocks that are reused (fresh ones cost page faults).
 from __future__ import annotations
 
 import bisect
-import contextlib
 import fcntl
 import os
 import queue
 import stat
 import threading
-import time
 from array import array
 from collections.abc import Callable, Iterable, Iterator
 from typing import BinaryIO, NamedTuple
@@ -32,9 +30,7 @@ from pyfastcdc import FastCDC
 
 BLOCK_SIZE = 2 * 1024 * 1024  # bytes read before cutting (pipes give 1 MiB per read at most)
 READ_AHEAD_BYTES = 6 * 1024 * 1024  # blocks read ahead of the cutting (a thread needs two)
-SHORT_READ = 128 * 1024  # a pipe read this short means the reader is ahead of the producer
-PIPE_WAIT = 0.002  # then let the pipe fill that long (1 MiB pipes fill in ~6 ms at 170 MB/s)
-PATIENT_PIPE = 1 << 20  # only pipes this large absorb the wait (64 KiB ones would cap the rate)
+PIPE_SIZE = 1 << 20  # a pipe widened to this lets pg_dump write ahead while the reader is busy
 FOLLOW_MAX = 1 << 20  # chunks of a previous version remembered (~64 GiB at 64 KiB chunks)
 _POS_BITS = 24  # sort keys: id prefix with its low 24 bits replaced by the position
 _POS_MASK = (1 << _POS_BITS) - 1
@@ -111,7 +107,6 @@ class Cutter:
         self.cut_bytes = 0  # cut with FastCDC
         self.blocks_allocated = 0  # read buffers made (the rest were reused)
         self.read_calls = 0  # reads of the stream
-        self.read_waits = 0  # short pipe reads followed by a wait for more
 
     def cut(self, stream: BinaryIO) -> Iterator[bytes | HashedChunk]:
         head = self.max_size  # room before each block for the previous block's uncut tail
@@ -144,7 +139,6 @@ class Cutter:
             reader.close()
             self.blocks_allocated = reader.allocated
             self.read_calls = reader.reads
-            self.read_waits = reader.waits
 
     def _next_following(self, view: memoryview, p: int, n: int,
                         nxt: int | None) -> tuple[int, bytes, int | None]:
@@ -188,7 +182,6 @@ class _ReadAhead:
         self.free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
         self.allocated = 0
         self.reads = 0
-        self.waits = 0
         self.eof = False
         self.stopped = threading.Event()
         # Blocks too large for the budget (huge chunk settings) are read in the
@@ -196,10 +189,11 @@ class _ReadAhead:
         self.threaded = 2 * self.size <= budget
         self.queue: queue.Queue[tuple[bytearray, int, bool] | BaseException] = \
             queue.Queue(maxsize=max(1, budget // self.size - 1))
-        # A reader faster than the producer would wake for every few KiB the
-        # producer writes (pg_dump: ~440,000 reads of 6 KiB for a 2.6 GB dump),
-        # each a GIL hand-off. Reading a pipe, this thread waits instead.
-        self.patient = self.threaded and _pipe_capacity(stream) >= PATIENT_PIPE
+        # Never wait for a pipe to fill: sleeping after short reads saved CPU
+        # (pg_dump writes ~6 KiB at a time) but cost wall time, because the
+        # GIL comes back late and pg_dump then blocks on a full pipe
+        # (docs/BENCHMARKS.md, fifth round).
+        _widen_pipe(stream)
         if self.threaded:
             threading.Thread(target=self._run, name="pgkloset-read", daemon=True).start()
 
@@ -218,9 +212,6 @@ class _ReadAhead:
                 self.eof = True
                 break
             n += got
-            if got < SHORT_READ and self.patient:
-                self.waits += 1
-                time.sleep(PIPE_WAIT)
         view.release()
         return block, n, self.eof
 
@@ -261,8 +252,8 @@ class _ReadAhead:
         self.stopped.set()
 
 
-def _pipe_capacity(stream: BinaryIO) -> int:
-    """Bytes the pipe behind ``stream`` holds once widened (Linux), 0 if no pipe.
+def _widen_pipe(stream: BinaryIO) -> None:
+    """Widen the pipe behind ``stream`` to PIPE_SIZE (Linux; no pipe: nothing).
 
     Either end may widen a pipe; a shell's ``pg_dump | pgkloset`` gets 64 KiB.
     """
@@ -271,19 +262,16 @@ def _pipe_capacity(stream: BinaryIO) -> int:
     try:
         fd = stream.fileno()
         if setsize is None or getsize is None or not stat.S_ISFIFO(os.fstat(fd).st_mode):
-            return 0
-        with contextlib.suppress(OSError):  # above /proc/sys/fs/pipe-max-size
-            if fcntl.fcntl(fd, getsize) < PATIENT_PIPE:
-                fcntl.fcntl(fd, setsize, PATIENT_PIPE)
-        return int(fcntl.fcntl(fd, getsize))
-    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is both
-        return 0
+            return
+        if fcntl.fcntl(fd, getsize) < PIPE_SIZE:
+            fcntl.fcntl(fd, setsize, PIPE_SIZE)
+    except (AttributeError, OSError, ValueError):  # above pipe-max-size; io.UnsupportedOperation
+        return
 
 
 def _readinto(stream: BinaryIO) -> Callable[[memoryview], int]:
-    """One read call at a time: a buffered pipe's readinto() would loop over
-    the producer's small writes inside C, a GIL hand-off each, out of reach
-    of the patient wait above."""
+    """One read call at a time (``readinto1``), straight into the block: the
+    cutter gets whatever the pipe held, without a second copy through a buffer."""
     readinto = getattr(stream, "readinto1", None) or getattr(stream, "readinto", None)
     if callable(readinto):
         return lambda buf: readinto(buf) or 0
