@@ -217,3 +217,17 @@ def test_restore_refuses_physical_options_for_logical(kitchen: dict[str, Any],
                    "--to", target.dsn("postgres"))
     assert done.returncode != 0 and len(error_lines(done)) == 1
     assert "--to-dir" in error_lines(done)[0]
+
+
+def test_counting_uses_one_backend_and_leaves_the_server_default(pg15: LocalInstance) -> None:
+    """The row counts run next to pg_dump: parallel workers would take its cores."""
+    from pgkloset_core.postgres.facts import SnapshotSession
+    from pgkloset_core.postgres.pgenv import ConnTarget
+
+    setting = "SELECT current_setting('max_parallel_workers_per_gather')"
+    default = pg15.scalar(setting)
+    assert default != "0"  # else this test shows nothing
+    with SnapshotSession(ConnTarget.parse(pg15.dsn("postgres"))) as session:
+        assert session.conn.execute(setting).fetchone() == ("0",)
+        assert session.facts()["total_rows"] >= 0
+    assert pg15.scalar(setting) == default

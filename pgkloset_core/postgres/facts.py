@@ -228,6 +228,9 @@ class SnapshotSession:
             self.conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
             # pg_dump reads with row_security off: count the same rows (or fail the same way).
             self.conn.execute("SET LOCAL row_security = off")
+            # Counting runs next to the dump: parallel workers would take the cores
+            # the dump's own backend needs (docs/BENCHMARKS.md, fifth round).
+            self.conn.execute("SET LOCAL max_parallel_workers_per_gather = 0")
             row = self.conn.execute("SELECT pg_export_snapshot()").fetchone()
             self.snapshot_id = str(row[0])  # type: ignore[index]
         except psycopg.Error as exc:
