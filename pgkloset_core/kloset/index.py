@@ -89,26 +89,33 @@ def _delta_head(data: bytes, name: str) -> tuple[int, list[str], int]:
     return npacks, superseded, pos + nsup * ID_LEN
 
 
+def _delta_packs(data: bytes, name: str, npacks: int,
+                 pos: int) -> Iterator[tuple[bytes, bytes, range]]:
+    """Each pack's id, salt and record offsets, checked: counts fit, blob types known,
+    nothing trails (struct.error if short)."""
+    size = _RECORD.size
+    for _ in range(npacks):
+        pack_id, salt, count = _PACK_HEAD.unpack_from(data, pos)
+        pos += _PACK_HEAD.size
+        if count > (len(data) - pos) // size:
+            raise CorruptObject(name, "truncated")
+        records = range(pos, pos + count * size, size)
+        for rec in records:
+            if data[rec + ID_LEN] not in BLOB_TYPES:
+                raise CorruptObject(name, f"unknown blob type {data[rec + ID_LEN]}")
+        yield pack_id, salt, records
+        pos += count * size
+    if pos != len(data):
+        raise CorruptObject(name, "trailing bytes")
+
+
 def decode_delta(data: bytes, name: str) -> tuple[list[PackRecord], list[str]]:
     """Packs and the superseded delta ids; malformed input is a CorruptObject."""
     try:
         npacks, superseded, pos = _delta_head(data, name)
-        packs = []
-        for _ in range(npacks):
-            pack_id, salt, count = _PACK_HEAD.unpack_from(data, pos)
-            pos += _PACK_HEAD.size
-            if count > (len(data) - pos) // _RECORD.size:
-                raise CorruptObject(name, "truncated")
-            blobs = []
-            for _ in range(count):
-                blob_id, btype, offset, length, raw = _RECORD.unpack_from(data, pos)
-                pos += _RECORD.size
-                if btype not in BLOB_TYPES:
-                    raise CorruptObject(name, f"unknown blob type {btype}")
-                blobs.append(BlobEntry(blob_id, btype, offset, length, raw))
-            packs.append(PackRecord(pack_id.hex(), salt, tuple(blobs)))
-        if pos != len(data):
-            raise CorruptObject(name, "trailing bytes")
+        packs = [PackRecord(pack_id.hex(), salt,
+                            tuple(BlobEntry(*_RECORD.unpack_from(data, rec)) for rec in records))
+                 for pack_id, salt, records in _delta_packs(data, name, npacks, pos)]
         return packs, superseded
     except struct.error:
         raise CorruptObject(name, "truncated") from None
@@ -135,21 +142,10 @@ def decode_delta_run(data: bytes, name: str) -> DeltaRun:
         packs = []
         keys: list[bytes] = []
         size = _RECORD.size
-        for no in range(npacks):
-            pack_id, salt, count = _PACK_HEAD.unpack_from(data, pos)
-            pos += _PACK_HEAD.size
-            if count > (len(data) - pos) // size:
-                raise CorruptObject(name, "truncated")
+        for no, (pack_id, salt, records) in enumerate(_delta_packs(data, name, npacks, pos)):
             tag = no.to_bytes(4, "little")
-            end = pos + count * size
-            for rec in range(pos, end, size):
-                if data[rec + ID_LEN] not in BLOB_TYPES:
-                    raise CorruptObject(name, f"unknown blob type {data[rec + ID_LEN]}")
-                keys.append(data[rec : rec + size] + tag)
-            pos = end
+            keys.extend(data[rec : rec + size] + tag for rec in records)
             packs.append((pack_id.hex(), salt))
-        if pos != len(data):
-            raise CorruptObject(name, "trailing bytes")
         keys.sort()
         return DeltaRun(b"".join(keys), tuple(packs), tuple(superseded))
     except struct.error:
@@ -200,17 +196,7 @@ class BlobIndex:
             for b in pack.blobs:
                 rows.append((b.blob_id, no, b.blob_type, b.offset, b.length, b.raw_length))
         rows.sort()
-        last = None
-        for blob_id, no, btype, offset, length, raw in rows:
-            if blob_id == last:  # the same blob stored twice (concurrent writers)
-                continue
-            last = blob_id
-            index._ids += blob_id
-            index._pack_no.append(no)
-            index._type.append(btype)
-            index._offset.append(offset)
-            index._length.append(length)
-            index._raw.append(raw)
+        index._extend(rows)
         return index
 
     @classmethod
@@ -219,20 +205,29 @@ class BlobIndex:
         index = cls()
         runs = list(runs)
         numbers = [[index._pack_number(pack_id, salt) for pack_id, salt in run.packs] for run in runs]
-        last = None
         unpack = _KEYED.unpack
-        for key, r in heapq.merge(*(_run_keys(run, r) for r, run in enumerate(runs))):
-            blob_id, btype, offset, length, raw, no = unpack(key)
-            if blob_id == last:  # the same blob stored twice (concurrent writers)
+
+        def rows() -> Iterator[tuple[bytes, int, int, int, int, int]]:
+            for key, r in heapq.merge(*(_run_keys(run, r) for r, run in enumerate(runs))):
+                blob_id, btype, offset, length, raw, no = unpack(key)
+                yield blob_id, numbers[r][no], btype, offset, length, raw
+
+        index._extend(rows())
+        return index
+
+    def _extend(self, rows: Iterable[tuple[bytes, int, int, int, int, int]]) -> None:
+        """Append rows sorted by blob id; a blob stored twice (concurrent writers) once."""
+        last = None
+        for blob_id, no, btype, offset, length, raw in rows:
+            if blob_id == last:
                 continue
             last = blob_id
-            index._ids += blob_id
-            index._pack_no.append(numbers[r][no])
-            index._type.append(btype)
-            index._offset.append(offset)
-            index._length.append(length)
-            index._raw.append(raw)
-        return index
+            self._ids += blob_id
+            self._pack_no.append(no)
+            self._type.append(btype)
+            self._offset.append(offset)
+            self._length.append(length)
+            self._raw.append(raw)
 
     def _pack_number(self, pack_id: str, salt: bytes) -> int:
         no = self._pack_numbers.get(pack_id)
