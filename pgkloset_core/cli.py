@@ -73,7 +73,9 @@ def backup_stream(app: AppContext, name: str, tags: tuple[str, ...], as_json: bo
 
     The latest stream snapshot with an entry of the same name is the
     previous version: unchanged parts are recognised without cutting them
-    again.
+    again. A producer writing through stdio (pg_dump) costs less CPU with a
+    large output buffer: `stdbuf -o 1M pg_dump -Fc ... | pgkloset backup
+    stream ...` (backup logical does this itself).
     """
     from pgkloset_core.kloset.reader import previous_version
 

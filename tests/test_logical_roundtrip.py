@@ -231,3 +231,55 @@ def test_counting_uses_one_backend_and_leaves_the_server_default(pg15: LocalInst
         assert session.conn.execute(setting).fetchone() == ("0",)
         assert session.facts()["total_rows"] >= 0
     assert pg15.scalar(setting) == default
+
+
+BLOCKS_DB = "lg_blocks"
+
+
+def _dump_writes(instance: LocalInstance, argv: list[Any]) -> tuple[int, int]:
+    """(bytes, write calls) of a tool dumping to a pipe; the calls from /proc/PID/io."""
+    import re
+    import subprocess
+
+    from pgkloset_core.postgres.pgenv import ConnTarget, ToolProcess, tool_env
+
+    with tool_env(ConnTarget.parse(instance.dsn(BLOCKS_DB))) as env, \
+            ToolProcess(argv, env, what="pg_dump", stdout=subprocess.PIPE) as tool:
+        size = 0
+        while chunk := tool.stdout.read(1 << 20):
+            size += len(chunk)
+        # Read before check() reaps it: a zombie still shows its I/O counters.
+        io = Path(f"/proc/{tool.pid}/io").read_text()
+        tool.check()
+    found = re.search(r"^syscw: (\d+)$", io, re.M)
+    assert found is not None
+    return size, int(found.group(1))
+
+
+def test_pg_dump_writes_its_archive_in_large_blocks(
+        pg15: LocalInstance, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """stdio writes pg_dump's archive to a pipe 4 KiB at a time; backups give it 1 MiB."""
+    import pgkloset_core.postgres.logical as logical
+    from pgkloset_core.postgres.pgenv import ConnTarget, stdio_buffered
+
+    pg15.execute(f"CREATE DATABASE {BLOCKS_DB}")
+    pg15.execute("CREATE TABLE blocks AS SELECT i, md5(i::text) AS t "
+                 "FROM generate_series(1, 200000) i", BLOCKS_DB)
+    dump = [str(pg15.binaries.path("pg_dump")), "-Fc", "-Z0", "-d",
+            ConnTarget.parse(pg15.dsn(BLOCKS_DB)).conninfo()]
+    plain_bytes, plain_calls = _dump_writes(pg15, dump)
+    size, calls = _dump_writes(pg15, stdio_buffered(dump, stdout=True))
+    assert plain_calls > plain_bytes // 8192  # unbuffered: the count tells the two apart
+    assert size > 8 * 2**20 and calls <= size // 2**20 + 3
+
+    asked: list[dict[str, bool]] = []
+
+    def spy(argv: Any, **how: bool) -> list[Any]:
+        asked.append(how)
+        return stdio_buffered(argv, **how)
+
+    monkeypatch.setattr(logical, "stdio_buffered", spy)
+    results = logical.backup_logical(make_kloset(tmp_path / "k"), pg15.dsn("postgres"),
+                                     [BLOCKS_DB])
+    assert asked == [{"stdout": True}]
+    assert next(r for r in results if r.kind == "logical").total_rows == 200000

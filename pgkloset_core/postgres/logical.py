@@ -40,6 +40,7 @@ from pgkloset_core.postgres.pgenv import (
     Log,
     ToolFailed,
     ToolProcess,
+    stdio_buffered,
     tool_env,
 )
 
@@ -224,7 +225,7 @@ def _backup_database(kloset: Kloset, lock: Any, target: ConnTarget, db: str,
             common: list[Any] = ["-Z0", f"--snapshot={session.snapshot_id}", "-d",
                                  target.conninfo()]
             if fmt == "custom":
-                argv = [client.path("pg_dump"), "-Fc", *common]
+                argv = stdio_buffered([client.path("pg_dump"), "-Fc", *common], stdout=True)
                 scanner = DumpScanner()
                 clean = previous.clean if previous else frozenset()
 
