@@ -8,6 +8,7 @@ schema, by table, in parallel, and from a directory-format dump.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -236,22 +237,43 @@ def test_counting_uses_one_backend_and_leaves_the_server_default(pg15: LocalInst
 BLOCKS_DB = "lg_blocks"
 
 
-def _dump_writes(instance: LocalInstance, argv: list[Any]) -> tuple[int, int]:
-    """(bytes, write calls) of a tool dumping to a pipe; the calls from /proc/PID/io."""
+def _blocks_db(instance: LocalInstance) -> None:
+    """A database of ~15 MB in one table, made once per server."""
+    if int(instance.scalar(f"SELECT count(*) FROM pg_database WHERE datname = '{BLOCKS_DB}'")):
+        return
+    instance.execute(f"CREATE DATABASE {BLOCKS_DB}")
+    instance.execute("CREATE TABLE blocks AS SELECT i, md5(i::text) AS t "
+                     "FROM generate_series(1, 200000) i", BLOCKS_DB)
+
+
+def _io_calls(argv: list[Any], env: dict[str, str], counter: str, *,
+              stdin_data: bytes | None = None) -> tuple[int, int]:
+    """(bytes out, read or write calls) of a tool on pipes, from its /proc/PID/io."""
     import re
     import subprocess
+    import threading
 
-    from pgkloset_core.postgres.pgenv import ConnTarget, ToolProcess, tool_env
+    from pgkloset_core.postgres.pgenv import ToolProcess
 
-    with tool_env(ConnTarget.parse(instance.dsn(BLOCKS_DB))) as env, \
-            ToolProcess(argv, env, what="pg_dump", stdout=subprocess.PIPE) as tool:
+    stdin = subprocess.PIPE if stdin_data is not None else subprocess.DEVNULL
+    with ToolProcess(argv, env, what="tool", stdin=stdin, stdout=subprocess.PIPE) as tool:
+        feeder = None
+        if stdin_data is not None:
+            def feed() -> None:  # in a thread: the tool's output must be read meanwhile
+                tool.stdin.write(stdin_data)
+                tool.stdin.close()
+
+            feeder = threading.Thread(target=feed, daemon=True)
+            feeder.start()
         size = 0
         while chunk := tool.stdout.read(1 << 20):
             size += len(chunk)
-        # Read before check() reaps it: a zombie still shows its I/O counters.
+        if feeder is not None:
+            feeder.join()
+        os.waitid(os.P_PID, tool.pid, os.WEXITED | os.WNOWAIT)  # exited, not yet reaped
         io = Path(f"/proc/{tool.pid}/io").read_text()
         tool.check()
-    found = re.search(r"^syscw: (\d+)$", io, re.M)
+    found = re.search(rf"^{counter}: (\d+)$", io, re.M)
     assert found is not None
     return size, int(found.group(1))
 
@@ -260,15 +282,12 @@ def test_pg_dump_writes_its_archive_in_large_blocks(
         pg15: LocalInstance, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """stdio writes pg_dump's archive to a pipe 4 KiB at a time; backups give it 1 MiB."""
     import pgkloset_core.postgres.logical as logical
-    from pgkloset_core.postgres.pgenv import ConnTarget, stdio_buffered
+    from pgkloset_core.postgres.pgenv import stdio_buffered
 
-    pg15.execute(f"CREATE DATABASE {BLOCKS_DB}")
-    pg15.execute("CREATE TABLE blocks AS SELECT i, md5(i::text) AS t "
-                 "FROM generate_series(1, 200000) i", BLOCKS_DB)
-    dump = [str(pg15.binaries.path("pg_dump")), "-Fc", "-Z0", "-d",
-            ConnTarget.parse(pg15.dsn(BLOCKS_DB)).conninfo()]
-    plain_bytes, plain_calls = _dump_writes(pg15, dump)
-    size, calls = _dump_writes(pg15, stdio_buffered(dump, stdout=True))
+    _blocks_db(pg15)
+    dump = [str(pg15.binaries.path("pg_dump")), "-Fc", "-Z0", "-d", BLOCKS_DB]
+    plain_bytes, plain_calls = _io_calls(dump, pg15.env(BLOCKS_DB), "syscw")
+    size, calls = _io_calls(stdio_buffered(dump, stdout=True), pg15.env(BLOCKS_DB), "syscw")
     assert plain_calls > plain_bytes // 8192  # unbuffered: the count tells the two apart
     assert size > 8 * 2**20 and calls <= size // 2**20 + 3
 
@@ -283,3 +302,41 @@ def test_pg_dump_writes_its_archive_in_large_blocks(
                                      [BLOCKS_DB])
     assert asked == [{"stdout": True}]
     assert next(r for r in results if r.kind == "logical").total_rows == 200000
+
+
+def test_pg_restore_reads_a_piped_archive_in_large_blocks(
+        pg15: LocalInstance, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """stdio reads a piped archive 4 KiB at a time; restores give pg_restore 1 MiB."""
+    import subprocess
+
+    import pgkloset_core.postgres.restore_logical as restore_logical
+    from pgkloset_core.postgres.logical import backup_logical
+    from pgkloset_core.postgres.pgenv import stdio_buffered
+
+    _blocks_db(pg15)
+    archive = subprocess.run([str(pg15.binaries.path("pg_dump")), "-Fc", "-Z0", "-d",
+                              BLOCKS_DB], capture_output=True, check=True,
+                             env=pg15.env(BLOCKS_DB)).stdout
+    to_script = [str(pg15.binaries.path("pg_restore")), "-f", "-"]
+    _, plain = _io_calls(to_script, {}, "syscr", stdin_data=archive)
+    _, buffered = _io_calls(stdio_buffered(to_script, stdin=True), {}, "syscr",
+                            stdin_data=archive)
+    assert len(archive) > 8 * 2**20
+    assert plain > len(archive) // 8192  # unbuffered: the count tells the two apart
+    # A pipe read returns what is there, and start-up reads libraries: a tenth is plenty.
+    assert buffered < plain // 10
+
+    kloset = make_kloset(tmp_path / "k")
+    results = backup_logical(kloset, pg15.dsn("postgres"), [BLOCKS_DB])
+    snap = kloset.load_snapshot(next(r.snapshot_id for r in results if r.kind == "logical"))
+    asked: list[dict[str, bool]] = []
+
+    def spy(argv: Any, **how: bool) -> list[Any]:
+        asked.append(how)
+        return stdio_buffered(argv, **how)
+
+    monkeypatch.setattr(restore_logical, "stdio_buffered", spy)
+    pg15.execute("DROP DATABASE IF EXISTS lg_blocks_back")
+    restore_logical.restore_logical(kloset, snap, pg15.dsn("lg_blocks_back"), create=True)
+    assert {"stdin": True} in asked
+    assert int(pg15.scalar("SELECT count(*) FROM blocks", "lg_blocks_back")) == 200000

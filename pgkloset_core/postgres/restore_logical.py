@@ -50,6 +50,7 @@ from pgkloset_core.postgres.pgenv import (
     ToolFailed,
     ToolProcess,
     run_tool,
+    stdio_buffered,
     tool_env,
 )
 
@@ -199,8 +200,9 @@ class _Archive:
                 tool.check()
             return out
         ranges = [(0, self.map.toc_end)] if toc_only and self.map is not None else self.ranges
-        with ToolProcess(argv, env, what=what, stdin=subprocess.PIPE, stdout=stdout, log=log,
-                         cancel=cancel) as tool:
+        # pg_restore reads stdin through stdio, 4 KiB a call on a pipe: give it 1 MiB.
+        with ToolProcess(stdio_buffered(argv, stdin=True), env, what=what,
+                         stdin=subprocess.PIPE, stdout=stdout, log=log, cancel=cancel) as tool:
             failure: list[BaseException] = []
             feeder = threading.Thread(target=self._feed, args=(tool, ranges, failure),
                                       daemon=True, name="pgkloset-restore-feed")
