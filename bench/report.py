@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
-from statistics import mean
+from statistics import mean, median
 from typing import Any
 
 MIB = 1024 * 1024
@@ -65,6 +65,13 @@ def summarize(doc: dict[str, Any]) -> dict[str, Any]:
 
     logical = _days(doc, "logical")
     if logical:
+        paired = [p for d in logical for p in d.get("pairs", [])]
+        if paired:
+            mine = median(float(p["pgkloset_wall_s"]) for p in paired)
+            theirs = median(float(p["pg_dump_wall_s"]) for p in paired)
+            rows.append({"section": "logical", "metric": f"wall, {len(paired)} pairs (median "
+                         "of ratios)", "vs": "pg_dump", "pgkloset": mine, "other": theirs,
+                         "unit": "s", "ratio": median(float(p["ratio"]) for p in paired)})
         if _series(logical, "pgkloset_stream", "wall_s"):
             add("logical", "wall, all days (mean): pg_dump | backup stream", "pg_dump",
                 _mean(_series(logical, "pgkloset_stream", "wall_s")),
@@ -134,6 +141,11 @@ def summarize(doc: dict[str, Any]) -> dict[str, Any]:
     return s
 
 
+def _paired_ratios(logical: list[dict[str, Any]]) -> list[float]:
+    """pgkloset / pg_dump wall of every back-to-back pair (``--pairs``), all days."""
+    return [float(p["ratio"]) for d in logical for p in d.get("pairs", [])]
+
+
 def _verdict(name: str, measured: float | None, limit: float, detail: str,
              lower_is_better: bool = True) -> dict[str, Any]:
     if measured is None:
@@ -149,9 +161,19 @@ def _targets(doc: dict[str, Any], logical: list[dict[str, Any]],
     out = []
     ratios = [d["runs"]["pgkloset"]["wall_s"] / d["runs"]["pg_dump"]["wall_s"]
               for d in logical if "pg_dump" in d["runs"] and "pgkloset" in d["runs"]]
-    out.append(_verdict("logical backup wall <= 1.10 x pg_dump", _mean(ratios),
-                        LOGICAL_WALL_MAX, "mean over days; per day: "
-                        + ", ".join(f"{r:.2f}" for r in ratios)))
+    daily = ("one run each per day: mean " + _fmt(_mean(ratios)) + " (per day "
+             + ", ".join(f"{r:.2f}" for r in ratios) + ")")
+    paired = _paired_ratios(logical)
+    if paired:
+        # Back-to-back pairs share the host's state of the moment; their median is
+        # robust to the odd slow run that a mean of one sample per day is not.
+        out.append(_verdict("logical backup wall <= 1.10 x pg_dump", median(paired),
+                            LOGICAL_WALL_MAX, f"median of {len(paired)} back-to-back pairs "
+                            f"(mean {mean(paired):.2f}, {min(paired):.2f}-{max(paired):.2f}); "
+                            + daily))
+    else:
+        out.append(_verdict("logical backup wall <= 1.10 x pg_dump", _mean(ratios),
+                            LOGICAL_WALL_MAX, daily))
     ratios = [d["runs"]["pgkloset"]["wall_s"] / d["runs"]["pgbackrest"]["wall_s"]
               for d in physical if "pgbackrest" in d["runs"] and "pgkloset" in d["runs"]]
     out.append(_verdict("physical backup wall <= pgBackRest", _mean(ratios), 1.0,
@@ -251,6 +273,12 @@ def markdown(doc: dict[str, Any]) -> str:
             cells.append(f"{min(loads):.1f}-{max(loads):.1f}")
             rows.append(cells)
         lines += _md_table(["day", *tools_, "load avg (1 min)"], rows)
+    pairs = [(d["day"], p) for d in _days(doc, "logical") for p in d.get("pairs", [])]
+    if pairs:
+        lines += ["", "#### logical: back-to-back pairs (wall s)", ""]
+        lines += _md_table(["day", "first", "pg_dump", "pgkloset", "ratio"], [
+            [str(day), p["order"][0], f"{p['pg_dump_wall_s']:.2f}",
+             f"{p['pgkloset_wall_s']:.2f}", f"{p['ratio']:.3f}"] for day, p in pairs])
     return "\n".join(lines)
 
 

@@ -22,6 +22,7 @@ from bench.measure import BenchError, Measurement, Stage, run, tree_bytes
 
 __all__ = ["BenchError", "Repos", "Result", "run", "ensure_peers", "versions"]
 from bench.workload import DB, BenchCluster
+from pgkloset_core.postgres.pgenv import stdio_buffered
 
 PASSPHRASE = "bench-passphrase-not-secret"
 PEER_PACKAGES = {"restic": "restic", "borg": "borgbackup", "pgbackrest": "pgbackrest"}
@@ -138,21 +139,24 @@ class Repos:
 # ------------------------------------------------------------------ logical
 
 
-def logical_limit(repos: Repos, day: int) -> Result:
-    return Result(run(f"pg_dump day {day}", [repos.pg_dump()]))
+def logical_limit(repos: Repos, day: int, label: str = "") -> Result:
+    return Result(run(label or f"pg_dump day {day}", [repos.pg_dump()]))
 
 
-def logical_pgkloset(repos: Repos, day: int) -> Result:
-    stage = repos.pgkloset(repos.kloset_logical, "backup", "logical", "--dsn",
+def logical_pgkloset(repos: Repos, day: int, repo: Path | None = None,
+                     label: str = "") -> Result:
+    """``backup logical`` into the run's kloset, or into ``repo`` (a paired run's copy)."""
+    repo = repo or repos.kloset_logical
+    stage = repos.pgkloset(repo, "backup", "logical", "--dsn",
                            repos.cluster.dsn(), "--database", DB, "--bin-dir",
                            str(repos.cluster.bin_dir), "--json", "--tag", f"day-{day:02d}")
-    m = run(f"pgkloset logical day {day}", [stage], capture=True)
+    m = run(label or f"pgkloset logical day {day}", [stage], capture=True)
     results = json.loads(m.stdout)
     db = next(r for r in results if r["kind"] == "logical")
     info = {"snapshot_id": db["snapshot_id"], "logical_bytes": db["logical_bytes"],
             "stored_bytes_new": sum(int(r["stored_bytes"]) for r in results),
             "writer_seconds": db["seconds"]}
-    return Result(m, tree_bytes(repos.kloset_logical), info)
+    return Result(m, tree_bytes(repo), info)
 
 
 def logical_pgkloset_stream(repos: Repos, day: int) -> Result:
@@ -163,8 +167,9 @@ def logical_pgkloset_stream(repos: Repos, day: int) -> Result:
     """
     stage = repos.pgkloset(repos.kloset_stream, "backup", "stream", "--name", "bench.dump",
                            "--json", "--tag", f"day-{day:02d}")
-    m = run(f"pg_dump | pgkloset backup stream day {day}", [repos.pg_dump(), stage],
-            capture=True)
+    dump = repos.pg_dump()  # buffered as backup logical buffers it (pgenv.stdio_buffered)
+    dump = Stage(dump.name, stdio_buffered(dump.argv, stdout=True), env=dump.env)
+    m = run(f"pg_dump | pgkloset backup stream day {day}", [dump, stage], capture=True)
     doc = json.loads(m.stdout)
     return Result(m, tree_bytes(repos.kloset_stream), {
         "logical_bytes": doc["logical_bytes"], "stored_bytes_new": doc["stored_bytes"],
