@@ -46,3 +46,20 @@ def test_fixed_cuts_are_whole_chunks_even_from_short_reads(lib_kloset) -> None:
     lengths = [n for _id, n in iter_refs_of(lib_kloset, snap, snap.entries[0])]
     assert lengths == [lib_kloset.config.avg_chunk] * 5 + [123]
     assert b"".join(lib_kloset.read_entry(snap, snap.entries[0])) == data
+
+
+def test_tools_run_unbuffered_where_stdbuf_is_missing_or_broken(tmp_path, monkeypatch) -> None:
+    """stdbuf only speeds a tool up: absent or failing, the tool runs as it is."""
+    from pgkloset_core.postgres import pgenv
+
+    broken = tmp_path / "stdbuf"
+    broken.write_text("#!/bin/sh\necho 'stdbuf: failed to find libstdbuf.so' >&2\nexit 125\n")
+    broken.chmod(0o755)
+    found = []
+    for path in (str(tmp_path), str(tmp_path / "nothing-here"), os.environ["PATH"]):
+        monkeypatch.setenv("PATH", path)
+        pgenv._working_stdbuf.cache_clear()
+        found.append(pgenv.stdio_buffered(["pg_dump", "-Fc"], stdout=True))
+    pgenv._working_stdbuf.cache_clear()
+    assert found[:2] == [["pg_dump", "-Fc"], ["pg_dump", "-Fc"]]
+    assert found[2][1:] == ["--output=1M", "pg_dump", "-Fc"]  # the real one, on this machine

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import os
 import re
 import shutil
@@ -164,6 +165,20 @@ def widen_pipe(fd: int, size: int = PIPE_SIZE) -> None:
 STDIO_BUFFER = "1M"
 
 
+@functools.cache
+def _working_stdbuf() -> str | None:
+    """stdbuf's path, if it runs here (it needs its preload library next to it)."""
+    stdbuf = shutil.which("stdbuf")
+    if stdbuf is None:
+        return None
+    try:
+        done = subprocess.run([stdbuf, f"--output={STDIO_BUFFER}", f"--input={STDIO_BUFFER}",
+                               "true"], capture_output=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return stdbuf if done.returncode == 0 else None
+
+
 def stdio_buffered(argv: Sequence[str | os.PathLike[str]], *, stdout: bool = False,
                    stdin: bool = False) -> list[str | os.PathLike[str]]:
     """``argv`` run with 1 MiB stdio buffers (coreutils ``stdbuf``), when stdbuf is here.
@@ -174,7 +189,7 @@ def stdio_buffered(argv: Sequence[str | os.PathLike[str]], *, stdout: bool = Fal
     1 MiB writes the dump costs ~2.5 CPU-s less (docs/BENCHMARKS.md, sixth
     round). Without stdbuf the tool runs as it is: only slower.
     """
-    stdbuf = shutil.which("stdbuf")
+    stdbuf = _working_stdbuf()
     if stdbuf is None or not (stdout or stdin):
         return list(argv)
     opts = ([f"--output={STDIO_BUFFER}"] if stdout else []) + \
