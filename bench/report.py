@@ -71,7 +71,7 @@ def summarize(doc: dict[str, Any]) -> dict[str, Any]:
             theirs = median(float(p["pg_dump_wall_s"]) for p in paired)
             rows.append({"section": "logical", "metric": f"wall, {len(paired)} pairs (median "
                          "of ratios)", "vs": "pg_dump", "pgkloset": mine, "other": theirs,
-                         "unit": "s", "ratio": median(float(p["ratio"]) for p in paired)})
+                         "unit": "s", "ratio": median(_paired_ratios(logical))})
         if _series(logical, "pgkloset_stream", "wall_s"):
             add("logical", "wall, all days (mean): pg_dump | backup stream", "pg_dump",
                 _mean(_series(logical, "pgkloset_stream", "wall_s")),

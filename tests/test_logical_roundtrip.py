@@ -278,6 +278,20 @@ def _io_calls(argv: list[Any], env: dict[str, str], counter: str, *,
     return size, int(found.group(1))
 
 
+def _watch_buffering(module: Any, monkeypatch: pytest.MonkeyPatch) -> list[dict[str, bool]]:
+    """Record how ``module`` asks for buffered tools; the real stdio_buffered still runs."""
+    from pgkloset_core.postgres.pgenv import stdio_buffered
+
+    asked: list[dict[str, bool]] = []
+
+    def spy(argv: Any, **how: bool) -> list[Any]:
+        asked.append(how)
+        return stdio_buffered(argv, **how)
+
+    monkeypatch.setattr(module, "stdio_buffered", spy)
+    return asked
+
+
 def test_pg_dump_writes_its_archive_in_large_blocks(
         pg15: LocalInstance, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """stdio writes pg_dump's archive to a pipe 4 KiB at a time; backups give it 1 MiB."""
@@ -291,13 +305,7 @@ def test_pg_dump_writes_its_archive_in_large_blocks(
     assert plain_calls > plain_bytes // 8192  # unbuffered: the count tells the two apart
     assert size > 8 * 2**20 and calls <= size // 2**20 + 3
 
-    asked: list[dict[str, bool]] = []
-
-    def spy(argv: Any, **how: bool) -> list[Any]:
-        asked.append(how)
-        return stdio_buffered(argv, **how)
-
-    monkeypatch.setattr(logical, "stdio_buffered", spy)
+    asked = _watch_buffering(logical, monkeypatch)
     results = logical.backup_logical(make_kloset(tmp_path / "k"), pg15.dsn("postgres"),
                                      [BLOCKS_DB])
     assert asked == [{"stdout": True}]
@@ -329,14 +337,9 @@ def test_pg_restore_reads_a_piped_archive_in_large_blocks(
     kloset = make_kloset(tmp_path / "k")
     results = backup_logical(kloset, pg15.dsn("postgres"), [BLOCKS_DB])
     snap = kloset.load_snapshot(next(r.snapshot_id for r in results if r.kind == "logical"))
-    asked: list[dict[str, bool]] = []
-
-    def spy(argv: Any, **how: bool) -> list[Any]:
-        asked.append(how)
-        return stdio_buffered(argv, **how)
-
-    monkeypatch.setattr(restore_logical, "stdio_buffered", spy)
+    asked = _watch_buffering(restore_logical, monkeypatch)
     pg15.execute("DROP DATABASE IF EXISTS lg_blocks_back")
     restore_logical.restore_logical(kloset, snap, pg15.dsn("lg_blocks_back"), create=True)
     assert {"stdin": True} in asked
     assert int(pg15.scalar("SELECT count(*) FROM blocks", "lg_blocks_back")) == 200000
+    pg15.execute("DROP DATABASE lg_blocks_back")

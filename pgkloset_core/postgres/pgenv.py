@@ -189,8 +189,8 @@ def stdio_buffered(argv: Sequence[str | os.PathLike[str]], *, stdout: bool = Fal
     1 MiB writes the dump costs ~2.5 CPU-s less (docs/BENCHMARKS.md, sixth
     round). Without stdbuf the tool runs as it is: only slower.
     """
-    stdbuf = _working_stdbuf()
-    if stdbuf is None or not (stdout or stdin):
+    stdbuf = _working_stdbuf() if stdout or stdin else None
+    if stdbuf is None:
         return list(argv)
     opts = ([f"--output={STDIO_BUFFER}"] if stdout else []) + \
         ([f"--input={STDIO_BUFFER}"] if stdin else [])
