@@ -52,6 +52,23 @@ def test_configured_bin_dir_wins_when_it_fits() -> None:
     assert find_binaries(exact_major=15, bin_dir=wheel).major == 15
 
 
+def test_a_fitting_configured_dir_is_the_only_one_probed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each probe runs a tool (``--version``): a configured dir that fits needs no others."""
+    import pgkloset_core.postgres.binaries as binaries
+
+    debian15 = find_binaries(exact_major=15).bin_dir
+
+    def no_search(*_args: object) -> list[PgBinaries]:
+        raise AssertionError("searched the other installs")
+
+    monkeypatch.setattr(binaries, "available_binaries", no_search)
+    chosen = find_binaries(min_major=15, bin_dir=debian15)
+    assert chosen.bin_dir == debian15 and chosen.source == "configured"
+    monkeypatch.undo()
+    # One that does not fit still leads to the search.
+    assert find_binaries(exact_major=15, bin_dir=pgserver_bin_dir() or debian15).major == 15
+
+
 def test_debian_wrapper_is_not_a_bin_dir() -> None:
     """/usr/bin/pg_dump is Debian's pg_wrapper; the real dirs are listed instead."""
     dirs = [b.bin_dir for b in available_binaries()]

@@ -175,13 +175,20 @@ def find_binaries(min_major: int | None = None, exact_major: int | None = None,
     `min_major`, the lowest major >= it fits (dumping a server needs a client at
     least as new). A configured `bin_dir` that fits wins over the others.
     """
-    candidates = available_binaries(bin_dir, tool)
 
     def fits(b: PgBinaries) -> bool:
         if exact_major is not None and b.major != exact_major:
             return False
         return min_major is None or b.major >= min_major
 
+    if bin_dir is not None:  # a configured dir that fits wins: the others need no probing
+        try:
+            mine = PgBinaries.from_dir(bin_dir, tool=tool)
+        except NoSuitableBinaries:
+            mine = None
+        if mine is not None and fits(mine):
+            return mine
+    candidates = available_binaries(bin_dir, tool)
     fitting = [b for b in candidates if fits(b)]
     configured = [b for b in fitting if b.source == "configured"]
     if configured:

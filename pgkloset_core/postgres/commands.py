@@ -55,13 +55,15 @@ def backup_logical_cmd(app: AppContext, dsn: str | None, databases: tuple[str, .
                        tags: tuple[str, ...], server: str | None, bin_dir: str | None,
                        verbose: bool, as_json: bool) -> None:
     """Dump databases (one snapshot each) and the cluster's globals."""
-    from pgkloset_core.postgres.logical import backup_logical
-
     if all_dbs == bool(databases):
         raise UsageError("name databases with --database, or pass --all (not both)")
     if dsn is None and not os.environ.get(DSN_ENV):
         raise UsageError(f"no server: pass --dsn or set {DSN_ENV}")
-    kloset = app.open_soon()  # unlocks while backup_logical connects to the server
+    # The unlock (Argon2id releases the GIL) runs while psycopg is imported and
+    # backup_logical connects to the server.
+    kloset = app.open_soon()
+    from pgkloset_core.postgres.logical import backup_logical
+
     with byte_progress("backup logical") as progress:
         results = backup_logical(
             kloset, dsn or "", None if all_dbs else list(databases), exclude=exclude, fmt=fmt,

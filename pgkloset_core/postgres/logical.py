@@ -21,6 +21,7 @@ import tempfile
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -165,24 +166,31 @@ def backup_logical(kloset: Kloset | Future[Kloset], dsn: str, databases: list[st
     }
     all_tags = [*dict.fromkeys([*tags, run_tag])]
     results: list[LogicalBackupResult] = []
-    with kloset.lock(exclusive=False, operation="backup", wait=lock_wait) as lock:
+    with kloset.lock(exclusive=False, operation="backup", wait=lock_wait) as lock, \
+            ExitStack() as early:
+        dumps = {db: _Dump(target.with_db(db), client, fmt, log, cancel) for db in chosen}
+        if chosen:
+            # The first pg_dump starts now, pg_dumpall next to it: their catalog
+            # reads overlap the chunk list work that follows.
+            early.enter_context(dumps[chosen[0]])
+        globals_tool = _start_globals(early, maintenance, client, authid, log, cancel)
         previous = previous_dumps(kloset, chosen) if fmt == "custom" else {}
-        results.append(_backup_globals(kloset, lock, maintenance, client, base_meta, all_tags,
-                                       authid, log, cancel, progress))
+        results.append(_backup_globals(kloset, lock, globals_tool, base_meta, all_tags,
+                                       authid, progress))
         for db in chosen:
             if cancel is not None and cancel.is_set():
                 raise BackupCancelled("backup cancelled before database "
                                       f"{db!r}; its snapshot was not made")
-            results.append(_backup_database(kloset, lock, target.with_db(db), db, client,
-                                            base_meta, all_tags, fmt, jobs, log, cancel,
-                                            progress, previous.get(db)))
+            with dumps[db] as dump:  # each dump's session ends with its snapshot
+                results.append(_backup_database(kloset, lock, dump, db, base_meta, all_tags,
+                                                fmt, jobs, log, cancel, progress,
+                                                previous.get(db)))
     return results
 
 
-def _backup_globals(kloset: Kloset, lock: Any, target: ConnTarget, client: PgBinaries,
-                    base_meta: dict[str, Any], tags: list[str], authid: bool, log: Log | None,
-                    cancel: threading.Event | None,
-                    progress: Progress | None) -> LogicalBackupResult:
+def _start_globals(stack: ExitStack, target: ConnTarget, client: PgBinaries, authid: bool,
+                   log: Log | None, cancel: threading.Event | None) -> ToolProcess:
+    """pg_dumpall --globals-only, running until the stack closes (killed on error)."""
     argv: list[Any] = [client.path("pg_dumpall"), "--globals-only", "-d", target.conninfo()]
     if not authid:
         argv.append("--no-role-passwords")
@@ -194,11 +202,17 @@ def _backup_globals(kloset: Kloset, lock: Any, target: ConnTarget, client: PgBin
             import sys
 
             print(f"pgkloset: {warn}", file=sys.stderr)
+    env = stack.enter_context(tool_env(target))
+    return stack.enter_context(ToolProcess(argv, env, what="pg_dumpall", stdout=-1, log=log,
+                                           cancel=cancel))
+
+
+def _backup_globals(kloset: Kloset, lock: Any, tool: ToolProcess, base_meta: dict[str, Any],
+                    tags: list[str], authid: bool,
+                    progress: Progress | None) -> LogicalBackupResult:
     meta = {**base_meta, "format": "sql", "database": None, "entry": GLOBALS_ENTRY,
             "no_role_passwords": not authid}
-    with tool_env(target) as env, \
-            kloset.writer(kind="globals", tags=tags, meta=meta, lock=lock) as writer, \
-            ToolProcess(argv, env, what="pg_dumpall", stdout=-1, log=log, cancel=cancel) as tool:
+    with kloset.writer(kind="globals", tags=tags, meta=meta, lock=lock) as writer:
         writer.add_stream(GLOBALS_ENTRY, tool.stdout, progress=progress)
         tool.check()
         snap = writer.commit()
@@ -209,42 +223,87 @@ def _backup_globals(kloset: Kloset, lock: Any, target: ConnTarget, client: PgBin
         server_version=str(base_meta["pg_version"]))
 
 
-def _backup_database(kloset: Kloset, lock: Any, target: ConnTarget, db: str,
-                     client: PgBinaries, base_meta: dict[str, Any], tags: list[str], fmt: str,
+class _Dump:
+    """One database's exported snapshot, its row counts and (custom format) its pg_dump.
+
+    ``backup_logical`` enters the first one early, ahead of the work before
+    its chunking; entering again is a no-op and so is a second exit, so one
+    ``with`` may start it and another end it. On error pg_dump is killed and
+    a running count cancelled: nothing is committed.
+    """
+
+    def __init__(self, target: ConnTarget, client: PgBinaries, fmt: str, log: Log | None,
+                 cancel: threading.Event | None) -> None:
+        self.target = target
+        self.client = client
+        self.fmt = fmt
+        self.log = log
+        self.cancel = cancel
+        self.stack: ExitStack | None = None
+        self.closed = False
+        self.session: SnapshotSession
+        self.env: dict[str, str]
+        self.facts: Future[dict[str, Any]]
+        self.tool: ToolProcess | None = None
+
+    @property
+    def common(self) -> list[Any]:
+        """pg_dump arguments both formats share: no compression, this snapshot, this database."""
+        return ["-Z0", f"--snapshot={self.session.snapshot_id}", "-d", self.target.conninfo()]
+
+    def __enter__(self) -> _Dump:
+        if self.stack is not None:
+            return self
+        with ExitStack() as stack:
+            self.session = stack.enter_context(SnapshotSession(self.target))
+            self.env = stack.enter_context(tool_env(self.target))
+            pool = stack.enter_context(
+                ThreadPoolExecutor(max_workers=1, thread_name_prefix="pgkloset-facts"))
+            # Counting runs next to the dump, in the same snapshot: the dump does not wait.
+            self.facts = pool.submit(self.session.facts)
+            stack.callback(self._stop_counting)  # on the way out, before the pool waits
+            if self.fmt == "custom":
+                argv = stdio_buffered([self.client.path("pg_dump"), "-Fc", *self.common],
+                                      stdout=True)
+                self.tool = stack.enter_context(ToolProcess(
+                    argv, self.env, what="pg_dump", stdout=-1, log=self.log, cancel=self.cancel))
+            self.stack = stack.pop_all()
+        return self
+
+    def _stop_counting(self) -> None:
+        if not self.facts.done():  # the dump failed or was cancelled mid-count
+            self.session.cancel()
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.stack is not None and not self.closed:
+            self.closed = True
+            self.stack.__exit__(*exc)
+
+
+def _backup_database(kloset: Kloset, lock: Any, dump: _Dump, db: str,
+                     base_meta: dict[str, Any], tags: list[str], fmt: str,
                      jobs: int, log: Log | None, cancel: threading.Event | None,
                      progress: Progress | None,
                      previous: PreviousDump | None) -> LogicalBackupResult:
     meta: dict[str, Any] = {**base_meta, "database": db, "format": fmt,
                             "entry": dump_entry_name(db) if fmt == "custom" else "dump/"}
-    with SnapshotSession(target) as session, tool_env(target) as env, \
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix="pgkloset-facts") as pool, \
-            kloset.writer(kind="logical", tags=tags, meta=meta, lock=lock) as writer:
-        # Counting runs next to the dump, in the same snapshot: the dump does not wait for it.
-        facts: Future[dict[str, Any]] = pool.submit(session.facts)
-        try:
-            common: list[Any] = ["-Z0", f"--snapshot={session.snapshot_id}", "-d",
-                                 target.conninfo()]
-            if fmt == "custom":
-                argv = stdio_buffered([client.path("pg_dump"), "-Fc", *common], stdout=True)
-                scanner = DumpScanner()
-                clean = previous.clean if previous else frozenset()
+    with kloset.writer(kind="logical", tags=tags, meta=meta, lock=lock) as writer:
+        if dump.tool is not None:
+            scanner = DumpScanner()
+            clean = previous.clean if previous else frozenset()
 
-                def observe(data: bytes, blob_id: bytes) -> None:
-                    scanner.feed(data, blob_id in clean)
+            def observe(data: bytes, blob_id: bytes) -> None:
+                scanner.feed(data, blob_id in clean)
 
-                with ToolProcess(argv, env, what="pg_dump", stdout=-1, log=log,
-                                 cancel=cancel) as tool:
-                    entry = writer.add_stream(dump_entry_name(db), tool.stdout,
-                                              progress=progress, observe=observe,
-                                              previous=previous.cuts if previous else None)
-                    tool.check()
-                _record_map(entry, scanner, log)
-            else:
-                _dump_directory(writer, client, common, env, jobs, log, cancel, progress)
-            found = facts.result()
-        except BaseException:
-            session.cancel()
-            raise
+            entry = writer.add_stream(dump_entry_name(db), dump.tool.stdout,
+                                      progress=progress, observe=observe,
+                                      previous=previous.cuts if previous else None)
+            dump.tool.check()
+            _record_map(entry, scanner, log)
+        else:
+            _dump_directory(writer, dump.client, dump.common, dump.env, jobs, log, cancel,
+                            progress)
+        found = dump.facts.result()
         writer.meta.update(found)
         snap = writer.commit()
     return LogicalBackupResult(

@@ -33,9 +33,9 @@ def register(cli: click.Group, backup: click.Group) -> None:
                             fast_checkpoint: bool, server: str | None, bin_dir: str | None,
                             as_json: bool) -> None:
         """Snapshot a whole PostgreSQL cluster (all databases, WAL included) file by file."""
+        kloset = app.open_soon()  # unlocks while psycopg loads and the server is checked
         from pgkloset_core.postgres.physical import backup_physical
 
-        kloset = app.open_soon()  # unlocks while backup_physical checks the server
         with byte_progress("backup physical") as progress:
             result = backup_physical(kloset, dsn, tags=tags, fast_checkpoint=fast_checkpoint,
                                      server=server, bin_dir=bin_dir, lock_wait=app.lock_wait,
