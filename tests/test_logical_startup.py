@@ -8,6 +8,7 @@ snapshot, instead of waiting for them.
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -90,9 +91,17 @@ def test_failing_globals_stop_the_early_pg_dump_and_commit_nothing(
     dump = next(t for t in started if t.what == "pg_dump")
     assert dump.proc.poll() is not None  # killed, not left blocked on its pipe
     assert kloset.snapshots() == []
-    sessions = pg15.scalar("SELECT count(*) FROM pg_stat_activity "
-                           f"WHERE datname = '{startup_db}'")
-    assert int(sessions) == 0  # the exported snapshot's session is closed too
+    assert _sessions_on(pg15, startup_db) == 0  # the exported snapshot's session is closed too
+
+
+def _sessions_on(pg15: LocalInstance, db: str, settle: float = 10.0) -> int:
+    """Backends on ``db``, waiting a little: a backend leaves once it notices its client went."""
+    deadline = time.monotonic() + settle
+    while True:
+        count = int(pg15.scalar(f"SELECT count(*) FROM pg_stat_activity WHERE datname = '{db}'"))
+        if count == 0 or time.monotonic() > deadline:
+            return count
+        time.sleep(0.1)
 
 
 def test_failing_globals_are_one_line_on_the_cli(pg15: LocalInstance, startup_db: str,
