@@ -22,6 +22,7 @@ import pytest
 from pgkloset_core.errors import KlosetError
 from pgkloset_core.kloset.repository import Kloset
 from pgkloset_core.kloset.snapshot import Snapshot
+from pgkloset_core.postgres import dumpmap
 from pgkloset_core.postgres.dumpmap import (
     DUMP_MAP_KEY,
     CleanChunks,
@@ -164,6 +165,31 @@ def test_streams_that_cannot_be_mapped_give_none(source: LocalInstance, case: st
     scanner = _scan(data, 8192) if data else DumpScanner()
     assert scanner.finish() is None
     assert scanner.failed
+
+
+def test_map_is_the_same_with_and_without_memmem(source: LocalInstance,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """libc's memmem where it exists, bytes.find elsewhere: the same blocks either way."""
+    dump = _dump(source, DB, "-Fc", "-Z0")
+    with_memmem = _scan(dump, 65536).finish()
+    monkeypatch.setattr(dumpmap, "_MEMMEM", None)
+    without = _scan(dump, 65536).finish()
+    assert with_memmem is not None and with_memmem == without
+    _assert_map_of(dump, with_memmem, _listed_data_ids(source, dump))
+
+
+def test_blocks_out_of_toc_order_give_no_map(source: LocalInstance) -> None:
+    """Each block end is searched with the next header the TOC names: swapped blocks never map."""
+    dump = _dump(source, DB, "-Fc", "-Z0")
+    found = _scan(dump, 1 << 30).finish()
+    assert found is not None
+    (_, s1, n1), (_, s2, n2) = found.blocks[0], found.blocks[1]
+    assert s1 + n1 == s2
+    swapped = dump[:s1] + dump[s2:s2 + n2] + dump[s1:s1 + n1] + dump[s2 + n2:]
+    for feed in (4093, 1 << 30):
+        scanner = _scan(swapped, feed)
+        assert scanner.finish() is None
+        assert scanner.failed
 
 
 # ----------------------------------------------------------- restores
