@@ -469,6 +469,17 @@ def test_read_locks(tmp_path_factory, data) -> None:
     expect_own_errors(locks.remove_stale, backend, MASTER)
 
 
+@pytest.mark.parametrize("created", [9.2e18, 6.8e16, -6.3e10, float("nan"), 1e999])
+def test_lock_with_absurd_creation_time_is_described(tmp_path, created) -> None:
+    """A lock's time beyond what datetime holds still reads as a lock, with its raw time."""
+    backend = open_backend(str(tmp_path))
+    backend.write("locks/" + "0" * 64, seal_json(MASTER, KIND_LOCK, {**VALID_LOCK,
+                                                                    "created": created}))
+    (info,) = locks.read_locks(backend, MASTER)
+    assert "shared lock by backup (pid 12345 on elsewhere, since an unreadable time" in (
+        info.describe())
+
+
 @pytest.mark.parametrize("pid", [2**40, 0, -1, 1e999])
 def test_lock_with_absurd_pid_on_this_host(tmp_path, pid) -> None:
     """Such a lock is no live process of ours: stale (or unreadable), never a crash."""

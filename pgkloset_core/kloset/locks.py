@@ -61,7 +61,10 @@ class LockInfo:
 
     def describe(self) -> str:
         kind = "exclusive" if self.exclusive else "shared"
-        since = datetime.fromtimestamp(self.created, UTC).isoformat(timespec="seconds")
+        try:
+            since = datetime.fromtimestamp(self.created, UTC).isoformat(timespec="seconds")
+        except (OverflowError, OSError, ValueError):  # a time no calendar holds
+            since = f"an unreadable time ({self.created!r})"
         return f"{kind} lock by {self.operation} (pid {self.pid} on {self.hostname}, since {since})"
 
 
