@@ -161,8 +161,8 @@ class CleanChunks:
     never do), so the scanner need not search it again when the same chunk
     comes by in a later dump. Kept as a sorted array of 8-byte id prefixes; a
     prefix collision could only make the scanner miss a block end, which it
-    then notices (the next block is not the one the TOC expects) and maps
-    nothing.
+    then notices (no later block end is followed by the header the TOC
+    expects next, so the stream ends inside a block) and maps nothing.
     """
 
     def __init__(self, prefixes: array[int]) -> None:
