@@ -445,9 +445,7 @@ class DumpScanner:
         """The end marker, followed by the next block's header when the TOC tells it."""
         if not self.expected or not self.expected[0][1]:
             return ZEROS
-        dump_id, blk_type = self.expected[0]
-        if dump_id >= 1 << (8 * self.int_size):
-            return ZEROS
+        dump_id, blk_type = self.expected[0]  # read from the TOC in int_size bytes: it fits
         return ZEROS + bytes((blk_type, 0)) + dump_id.to_bytes(self.int_size, "little")
 
     def _feed_data(self, data: bytes | memoryview, clean: bool) -> bool:
