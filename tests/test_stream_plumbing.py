@@ -7,8 +7,10 @@ import io
 import os
 import subprocess
 
+import pytest
+
 from pgkloset_core.kloset.reader import iter_refs_of
-from pgkloset_core.postgres.pgenv import PIPE_SIZE, ToolProcess
+from pgkloset_core.postgres.pgenv import PIPE_SIZE, TAIL_LINES, ToolFailed, ToolProcess
 
 
 def test_tool_pipes_are_widened() -> None:
@@ -63,3 +65,30 @@ def test_tools_run_unbuffered_where_stdbuf_is_missing_or_broken(tmp_path, monkey
     pgenv._working_stdbuf.cache_clear()
     assert found[:2] == [["pg_dump", "-Fc"], ["pg_dump", "-Fc"]]
     assert found[2][1:] == ["--output=1M", "pg_dump", "-Fc"]  # the real one, on this machine
+
+
+def test_a_tool_error_keeps_its_first_error_line_ahead_of_a_long_quoted_query() -> None:
+    """pg_dump killed mid-query prints its error, then the whole query: the cause must stay."""
+    script = ("echo 'pg_dump: error: query failed: server closed the connection' >&2; "
+              "echo 'pg_dump: detail: Query was: SELECT p.oid' >&2; "
+              "for i in $(seq 1 40); do echo \"  OR p.oid = pg_cast.castfunc_$i\" >&2; done; "
+              "exit 1")
+    with (ToolProcess(["sh", "-c", script], dict(os.environ), what="pg_dump") as tool,
+          pytest.raises(ToolFailed) as info):
+        tool.check()
+    message = str(info.value)
+    assert message.startswith("pg_dump exited with code 1: pg_dump: error: query failed: server")
+    assert " | ... | " in message
+    assert message.endswith("castfunc_40")
+    assert "Query was" not in message and f"castfunc_{40 - TAIL_LINES} |" not in message
+    assert message.count(" | ") == 1 + TAIL_LINES  # error, "...", the tail
+
+
+def test_a_tool_error_without_skipped_lines_is_its_whole_stderr_once() -> None:
+    script = ("echo 'psql:/x.sql:3: ERROR:  relation \"t\" does not exist' >&2; "
+              "echo 'one more' >&2; exit 3")
+    with (ToolProcess(["sh", "-c", script], dict(os.environ), what="psql") as tool,
+          pytest.raises(ToolFailed) as info):
+        tool.check()
+    assert str(info.value) == ('psql exited with code 3: psql:/x.sql:3: ERROR:  relation "t" '
+                               'does not exist | one more')

@@ -6,7 +6,7 @@ passfile (PGPASSFILE, mode 0600, deleted afterwards), so it never shows up in
 ``ps``, in snapshot metadata or in an error message.
 
 `ToolProcess` runs a tool with its stderr read line by line (forwarded to a
-log callback and kept as a short tail for the error message) and kills it
+log callback; its first error lines and a short tail make the error message) and kills it
 when a cancel event is set, so an orchestrator can stop a running dump.
 """
 
@@ -35,6 +35,12 @@ from pgkloset_core.errors import KlosetError, UsageError
 from pgkloset_core.postgres.names import DSN_ENV
 
 TAIL_LINES = 6
+FIRST_ERRORS = 2
+LINE_CHARS = 400
+# "pg_dump: error: ...", "psql:/f.sql:3: ERROR:  ...", "pg_restore: fatal: ...": the first
+# such lines name the cause; what follows may be a long quoted query that pushes them out
+# of the tail.
+ERROR_LINE = re.compile(r"^\S[^ ]*: (?:error|fatal|ERROR|FATAL|PANIC):")
 Log = Callable[[str], None]
 
 
@@ -207,6 +213,8 @@ class ToolProcess:
                  cwd: str | None = None) -> None:
         self.what = what
         self.tail: deque[str] = deque(maxlen=TAIL_LINES)
+        self.first_errors: list[str] = []
+        self._lines_read = 0
         self.log = log
         self.cancel = cancel
         self.cancelled = False
@@ -249,6 +257,9 @@ class ToolProcess:
             line = raw.decode("utf-8", "replace").rstrip()
             if not line:
                 continue
+            self._lines_read += 1
+            if len(self.first_errors) < FIRST_ERRORS and ERROR_LINE.match(line):
+                self.first_errors.append(line)
             self.tail.append(line)
             if self.log is not None:
                 with contextlib.suppress(Exception):  # a broken logger must not stop the tool
@@ -276,8 +287,16 @@ class ToolProcess:
         self._reader.join(timeout=10)
         return code
 
+    def stderr_lines(self) -> list[str]:
+        """The first error lines, then the last lines ("..." where lines were skipped)."""
+        tail = list(self.tail)
+        head = [line for line in self.first_errors if line not in tail]
+        lines = head + (["..."] if head and self._lines_read > len(tail) + len(head) else [])
+        lines += tail
+        return [line if len(line) <= LINE_CHARS else line[:LINE_CHARS] + "..." for line in lines]
+
     def stderr_tail(self) -> str:
-        return " | ".join(self.tail)
+        return " | ".join(self.stderr_lines())
 
     def check(self) -> None:
         """Wait; raise BackupCancelled or ToolFailed (with stderr's last lines) on failure."""

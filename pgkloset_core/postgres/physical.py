@@ -445,7 +445,7 @@ def _raise_tool_failure(proc: ToolProcess, cancel: threading.Event | None) -> No
     except ToolFailed as exc:
         if cancel is not None and cancel.is_set():
             raise BackupCancelled("physical backup cancelled; nothing was committed") from None
-        explained = explain_basebackup_failure("\n".join(proc.tail))
+        explained = explain_basebackup_failure("\n".join(proc.stderr_lines()))
         if explained:
             raise PhysicalBackupError(explained) from None
         raise PhysicalBackupError(str(exc)) from None
