@@ -39,11 +39,11 @@ def point(avg_kib: int, zstd_level: int | None = None) -> SweepPoint:
     return SweepPoint(label, over)
 
 
-QUICK_POINTS = [point(32), point(64), point(128), point(256), point(1024)]
+QUICK_POINTS = [point(32), point(64), point(64, 3), point(128), point(256), point(1024)]
 # Each point costs a whole physical backup per day.
 PHYSICAL_POINTS = [point(64), point(256), point(1024)]
 FULL_POINTS = [point(32), point(64), point(128), point(256), point(512), point(1024),
-               point(2048), point(256, 1), point(256, 9)]
+               point(2048), point(64, 1), point(64, 3), point(256, 9)]
 
 
 def _klosets(root: Path, prefix: str, points: list[SweepPoint]) -> dict[str, Path]:
