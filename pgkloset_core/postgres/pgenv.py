@@ -6,8 +6,9 @@ passfile (PGPASSFILE, mode 0600, deleted afterwards), so it never shows up in
 ``ps``, in snapshot metadata or in an error message.
 
 `ToolProcess` runs a tool with its stderr read line by line (forwarded to a
-log callback; its first error lines and a short tail make the error message) and kills it
-when a cancel event is set, so an orchestrator can stop a running dump.
+log callback; its first error lines and a short tail make the error message)
+and kills it when a cancel event is set, so an orchestrator can stop a
+running dump.
 """
 
 from __future__ import annotations
@@ -299,7 +300,7 @@ class ToolProcess:
         return " | ".join(self.stderr_lines())
 
     def check(self) -> None:
-        """Wait; raise BackupCancelled or ToolFailed (with stderr's last lines) on failure."""
+        """Wait; raise BackupCancelled or ToolFailed (first error lines, then the last) on failure."""
         code = self.wait()
         if self.cancelled or (self.cancel is not None and self.cancel.is_set() and code != 0):
             raise BackupCancelled(f"{self.what} cancelled; nothing was committed")
