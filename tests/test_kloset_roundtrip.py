@@ -20,10 +20,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pgkloset_core.kloset.check import check
-from pgkloset_core.kloset.repository import Kloset
+from pgkloset_core.kloset.repository import Kloset, KlosetConfig
 from pgkloset_core.kloset.snapshot import LIST_BLOB_MAX_CHUNKS
 from pgkloset_core.storage import open_backend
 from tests.fixtures.kloset import (
+    CHEAP_KDF,
     CLI,
     PASSPHRASE,
     GiB,
@@ -201,3 +202,23 @@ def test_two_gib_stream_round_trip_with_flat_memory(cli_kloset, popen_cli, tmp_p
     print(f"\n2 GiB stream: {figures}")
     assert int(backup_rss.read_text()) < RSS_LIMIT, figures
     assert int(cat_rss.read_text()) < RSS_LIMIT, figures
+
+
+def test_a_kloset_compresses_at_the_level_its_config_records(tmp_path) -> None:
+    """The default level is only for new klosets: an older one keeps writing at its own."""
+    rng = random.Random(5)
+    words = [bytes(rng.choices(b"abcdefghijklmnop", k=rng.randint(3, 9))) for _ in range(500)]
+    data = b"\n".join(b" ".join(rng.choices(words, k=12)) for _ in range(40_000))
+    stored = {}
+    for name, overrides in (("default", None), ("level19", {"zstd_level": 19})):
+        url = str(tmp_path / name)
+        Kloset.init(open_backend(url), PASSPHRASE, kdf=CHEAP_KDF, config_overrides=overrides)
+        kloset = Kloset.open(open_backend(url), PASSPHRASE)
+        writer = kloset.writer(kind="test")
+        writer.add_bytes("text", data)
+        snap = writer.commit()
+        assert b"".join(kloset.read_entry(snap, snap.entry("text"))) == data
+        stored[name] = (kloset.config.zstd_level, snap.summary["stored_bytes"])
+    assert stored["default"][0] == KlosetConfig.zstd_level == 2
+    assert stored["level19"][0] == 19
+    assert stored["level19"][1] < stored["default"][1] * 0.97

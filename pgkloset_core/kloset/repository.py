@@ -67,7 +67,7 @@ class KlosetConfig:
     normalized_chunking: int = 3
     pack_size: int = 32 * 1024 * 1024
     # zstd level 2: on this project's benchmark dump (64 KiB chunks) it compresses
-    # 1.5x faster than level 3 for 0.6% more bytes (docs/BENCHMARKS.md, ninth round).
+    # 1.5x faster than level 3 for 0.6-0.9% more bytes (docs/BENCHMARKS.md, ninth round).
     zstd_level: int = 2
     extra: dict[str, Any] = field(default_factory=dict)
 

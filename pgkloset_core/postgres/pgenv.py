@@ -41,7 +41,7 @@ LINE_CHARS = 400
 # "pg_dump: error: ...", "psql:/f.sql:3: ERROR:  ...", "pg_restore: fatal: ...": the first
 # such lines name the cause; what follows may be a long quoted query that pushes them out
 # of the tail.
-ERROR_LINE = re.compile(r"^\S[^ ]*: (?:error|fatal|ERROR|FATAL|PANIC):")
+ERROR_LINE = re.compile(r"^[^ ]+: (?:error|fatal|ERROR|FATAL|PANIC):")
 Log = Callable[[str], None]
 
 
