@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -47,6 +48,14 @@ def content_hash(data: bytes | memoryview) -> str:
     its name, so damage is reported by name.
     """
     return blake3.blake3(data, max_threads=1).hexdigest()
+
+
+def content_hash_of_parts(parts: Iterable[bytes | memoryview]) -> str:
+    """``content_hash`` of the parts' concatenation, without joining them."""
+    hasher = blake3.blake3(max_threads=1)
+    for part in parts:
+        hasher.update(part)
+    return hasher.hexdigest()
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,6 +29,7 @@ from pgkloset_core.kloset.crypto import (
     aead_decrypt,
     aead_encrypt,
     content_hash,
+    content_hash_of_parts,
 )
 from pgkloset_core.kloset.index import BLOB_TYPES, BlobEntry, PackRecord
 from pgkloset_core.kloset.sealed import CODEC_RAW, CODEC_ZSTD, decompress
@@ -81,10 +82,11 @@ def open_blob(master: MasterKey, salt: bytes, blob_type: int, blob_id: bytes, st
 
 
 class PackBuilder:
-    """Collects sealed blobs of one session; joined into one object at upload.
+    """Collects sealed blobs of one session; uploaded as one object.
 
-    Blobs are kept as a list of parts (no growing buffer to copy), and the
-    join and content hash happen in the upload thread, off the chunking path.
+    Blobs are kept as a list of parts (no growing buffer to copy); the upload
+    thread hashes them and hands them to ``Backend.write_parts``, which joins
+    them only where the backend needs one buffer.
     """
 
     def __init__(self, salt: bytes) -> None:
@@ -122,6 +124,14 @@ class FinishedPack:
     parts: list[bytes]
     salt: bytes
     entries: tuple[BlobEntry, ...]
+
+    @property
+    def size(self) -> int:
+        return sum(map(len, self.parts))
+
+    def record(self) -> PackRecord:
+        """The pack's index record (pack id = hash of its bytes, taken part by part)."""
+        return PackRecord(content_hash_of_parts(self.parts), self.salt, self.entries)
 
     def materialize(self) -> tuple[bytes, PackRecord]:
         """The pack's bytes and its index record (pack id = hash of the bytes)."""

@@ -114,14 +114,15 @@ class _BlobSink:
         self.uploads.append(self.uploader.submit(self._upload, finished, lists))
 
     def _upload(self, finished: FinishedPack, lists: bool = False) -> PackRecord:
-        data, record = finished.materialize()
+        record = finished.record()
+        name = pack_name(record.pack_id)
         if lists:
             with metadata_writes():
-                self.kloset.backend.write(pack_name(record.pack_id), data)
+                self.kloset.backend.write_parts(name, finished.parts)
         else:
-            self.kloset.backend.write(pack_name(record.pack_id), data)
+            self.kloset.backend.write_parts(name, finished.parts)
         with self._lock:
-            self.stored_bytes += len(data)
+            self.stored_bytes += finished.size
         return record
 
     def _collect(self, fut: Future[PackRecord]) -> None:

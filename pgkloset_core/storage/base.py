@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from pgkloset_core.errors import KlosetError
@@ -93,6 +93,16 @@ class Backend(ABC):
         Without ``overwrite`` the write must fail with ObjectExists when the
         object already exists (lock creation relies on this).
         """
+
+    def write_parts(self, name: str, parts: Sequence[bytes], *, overwrite: bool = False) -> None:
+        """Store the concatenation of ``parts`` atomically, as ``write`` does.
+
+        Packs are written this way. A backend that can send the parts one
+        after another (the filesystem) never joins them: a 32 MiB join is a
+        copy into memory fresh from the kernel, page-faulted in for every
+        pack. The others join here.
+        """
+        self.write(name, b"".join(parts), overwrite=overwrite)
 
     @abstractmethod
     def delete(self, name: str) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import TypeVar
 
 from pgkloset_core.storage.base import Backend, ObjectExists, ObjectInfo, StorageError
@@ -85,14 +85,22 @@ class RetryingBackend(Backend):
         return self._retry(lambda: self.inner.read_range(name, offset, length))
 
     def write(self, name: str, data: bytes, *, overwrite: bool = False) -> None:
+        self._write(name, lambda: self.inner.write(name, data, overwrite=overwrite), lambda: data)
+
+    def write_parts(self, name: str, parts: Sequence[bytes], *, overwrite: bool = False) -> None:
+        self._write(name, lambda: self.inner.write_parts(name, parts, overwrite=overwrite),
+                    lambda: b"".join(parts))
+
+    def _write(self, name: str, send: Callable[[], None], data: Callable[[], bytes]) -> None:
+        """``send`` until it lands; ObjectExists after a lost answer may be our own write."""
         failed_before = False
 
         def attempt() -> None:
             nonlocal failed_before
             try:
-                self.inner.write(name, data, overwrite=overwrite)
+                send()
             except ObjectExists:
-                if failed_before and confirm_own_write(self.inner, name, data):
+                if failed_before and confirm_own_write(self.inner, name, data()):
                     return
                 raise
             except TransientStorageError:
