@@ -2,7 +2,8 @@
 
 Writes go to a temporary name in the same folder, are fsynced, then renamed
 (or hard-linked for create-only writes, which fails if the name exists). A
-killed writer leaves only ``.tmp-*`` files, which listings ignore.
+killed writer leaves only ``.tmp-*`` files, which listings ignore. Written
+objects leave the page cache after their fsync (``_drop_from_cache``).
 """
 
 from __future__ import annotations
