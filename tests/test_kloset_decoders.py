@@ -337,8 +337,7 @@ def build_pack(blobs: list[bytes]) -> bytes:
         blob_id = MASTER.chunk_id(data)
         builder.add(blob_id, BLOB_DATA, seal_blob(key, i.to_bytes(NONCE_LEN, "big"), BLOB_DATA,
                                                    blob_id, data, None), len(data))
-    pack, _record = builder.finish(key, (len(blobs) + 1).to_bytes(NONCE_LEN, "big")).materialize()
-    return pack
+    return b"".join(builder.finish(key, (len(blobs) + 1).to_bytes(NONCE_LEN, "big")).parts)
 
 
 VALID_PACK = build_pack([b"first blob", b"second" * 20, b""])

@@ -28,7 +28,6 @@ from pgkloset_core.kloset.crypto import (
     MasterKey,
     aead_decrypt,
     aead_encrypt,
-    content_hash,
     content_hash_of_parts,
 )
 from pgkloset_core.kloset.index import BLOB_TYPES, BlobEntry, PackRecord
@@ -132,12 +131,6 @@ class FinishedPack:
     def record(self) -> PackRecord:
         """The pack's index record (pack id = hash of its bytes, taken part by part)."""
         return PackRecord(content_hash_of_parts(self.parts), self.salt, self.entries)
-
-    def materialize(self) -> tuple[bytes, PackRecord]:
-        """The pack's bytes and its index record (pack id = hash of the bytes)."""
-        data = b"".join(self.parts)
-        self.parts = []
-        return data, PackRecord(content_hash(data), self.salt, self.entries)
 
 
 @dataclass(frozen=True)
