@@ -72,6 +72,13 @@ def summarize(doc: dict[str, Any]) -> dict[str, Any]:
             rows.append({"section": "logical", "metric": f"wall, {len(paired)} pairs (median "
                          "of ratios)", "vs": "pg_dump", "pgkloset": mine, "other": theirs,
                          "unit": "s", "ratio": median(_paired_ratios(logical))})
+            alt = [p for p in paired if "alt_wall_s" in p]
+            if alt:  # --pair-env: the same pairs' third run, with a setting changed
+                rows.append({"section": "logical", "metric": f"wall, {len(alt)} pairs with "
+                             f"{alt[0]['alt_env']} (median of ratios)", "vs": "pg_dump",
+                             "pgkloset": median(float(p["alt_wall_s"]) for p in alt),
+                             "other": theirs, "unit": "s",
+                             "ratio": median(float(p["alt_ratio"]) for p in alt)})
         if _series(logical, "pgkloset_stream", "wall_s"):
             add("logical", "wall, all days (mean): pg_dump | backup stream", "pg_dump",
                 _mean(_series(logical, "pgkloset_stream", "wall_s")),
@@ -276,9 +283,15 @@ def markdown(doc: dict[str, Any]) -> str:
     pairs = [(d["day"], p) for d in _days(doc, "logical") for p in d.get("pairs", [])]
     if pairs:
         lines += ["", "#### logical: back-to-back pairs (wall s)", ""]
-        lines += _md_table(["day", "first", "pg_dump", "pgkloset", "ratio"], [
+        alt = next((p["alt_env"] for _, p in pairs if "alt_env" in p), None)
+        head = ["day", "first", "pg_dump", "pgkloset", "ratio"]
+        if alt:
+            head += [f"with {alt}", "its ratio"]
+        lines += _md_table(head, [
             [str(day), p["order"][0], f"{p['pg_dump_wall_s']:.2f}",
-             f"{p['pgkloset_wall_s']:.2f}", f"{p['ratio']:.3f}"] for day, p in pairs])
+             f"{p['pgkloset_wall_s']:.2f}", f"{p['ratio']:.3f}"]
+            + ([f"{p['alt_wall_s']:.2f}", f"{p['alt_ratio']:.3f}"] if alt else [])
+            for day, p in pairs])
     return "\n".join(lines)
 
 

@@ -85,6 +85,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="extra back-to-back pg_dump / pgkloset logical pairs per day, each "
                         "pgkloset run into a copy of the kloset as the day found it "
                         "(the logical target is judged on these)")
+    p.add_argument("--pair-env", metavar="VAR=VALUE",
+                   help="in every pair also run pgkloset with this PGKLOSET_ variable set "
+                        "(e.g. PGKLOSET_WORKER_NICE=0), so a setting and the default are "
+                        "compared in the same run; the order of the three rotates")
     p.add_argument("--append-pct", type=float, default=2.0, help="events appended per day, %%")
     p.add_argument("--update-pct", type=float, default=1.0, help="events updated per day, %%")
     p.add_argument("--delete-pct", type=float, default=0.5, help="events deleted per day, %%")
@@ -105,6 +109,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     unknown = args.only - set(SECTIONS)
     if unknown:
         p.error(f"unknown section(s): {', '.join(sorted(unknown))}")
+    if args.pair_env is not None:
+        var, sep, _ = args.pair_env.partition("=")
+        if not sep or not var.startswith("PGKLOSET_") or var in ("PGKLOSET_REPO",
+                                                                   "PGKLOSET_PASSPHRASE"):
+            p.error("--pair-env takes PGKLOSET_VAR=VALUE (not the repository or passphrase)")
+        if args.pairs <= 0:
+            p.error("--pair-env needs --pairs 1 or more")
     return args
 
 
@@ -253,11 +264,18 @@ class Bench:
         pgkloset run goes into a hard-linked copy of the kloset as the day found
         it (kloset files are never rewritten in place), so every pair does the
         same work as the day's regular run and the measured kloset is untouched.
+        With ``--pair-env`` a third run, pgkloset with that variable, joins each
+        pair (the order of the three rotates): a setting judged against the
+        default at the same moments, not in another hour's run.
         """
+        alt = dict([self.args.pair_env.split("=", 1)]) if self.args.pair_env else None
+        names = ["pg_dump", "pgkloset", "alt"] if alt else ["pg_dump", "pgkloset"]
         out = []
         try:
             for i in range(self.args.pairs):
-                order = ["pg_dump", "pgkloset"] if (day + i) % 2 else ["pgkloset", "pg_dump"]
+                k = (day + i) % len(names)
+                order = names[k:] + names[:k] if alt else (
+                    ["pg_dump", "pgkloset"] if (day + i) % 2 else ["pgkloset", "pg_dump"])
                 walls: dict[str, float] = {}
                 for name in order:
                     label = f"pair {i + 1} {name} day {day}"
@@ -267,16 +285,24 @@ class Bench:
                         copy = self.workdir / "pair-kloset"
                         shutil.copytree(before, copy, copy_function=os.link)
                         try:
-                            res = tools.logical_pgkloset(repos, day, copy, label)
+                            res = tools.logical_pgkloset(repos, day, copy, label,
+                                                         env=alt if name == "alt" else None)
                         finally:
                             shutil.rmtree(copy, ignore_errors=True)
                         self.note_rss(res)
                     walls[name] = res.measurement.wall_s
                 ratio = walls["pgkloset"] / walls["pg_dump"]
-                out.append({"order": order, "pg_dump_wall_s": walls["pg_dump"],
-                            "pgkloset_wall_s": walls["pgkloset"], "ratio": round(ratio, 4)})
-                log(f"  pair {i + 1} ({' then '.join(order)}): pg_dump {walls['pg_dump']:.2f}s "
-                    f"pgkloset {walls['pgkloset']:.2f}s ratio {ratio:.3f}")
+                pair: dict[str, Any] = {"order": order, "pg_dump_wall_s": walls["pg_dump"],
+                                        "pgkloset_wall_s": walls["pgkloset"],
+                                        "ratio": round(ratio, 4)}
+                line = (f"  pair {i + 1} ({' then '.join(order)}): pg_dump {walls['pg_dump']:.2f}s "
+                        f"pgkloset {walls['pgkloset']:.2f}s ratio {ratio:.3f}")
+                if alt:
+                    pair.update(alt_env=self.args.pair_env, alt_wall_s=walls["alt"],
+                                alt_ratio=round(walls["alt"] / walls["pg_dump"], 4))
+                    line += f" | {self.args.pair_env} {walls['alt']:.2f}s ratio {pair['alt_ratio']:.3f}"
+                out.append(pair)
+                log(line)
         finally:
             shutil.rmtree(before, ignore_errors=True)
         return out

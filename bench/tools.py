@@ -144,12 +144,15 @@ def logical_limit(repos: Repos, day: int, label: str = "") -> Result:
 
 
 def logical_pgkloset(repos: Repos, day: int, repo: Path | None = None,
-                     label: str = "") -> Result:
-    """``backup logical`` into the run's kloset, or into ``repo`` (a paired run's copy)."""
+                     label: str = "", env: dict[str, str] | None = None) -> Result:
+    """``backup logical`` into the run's kloset, or into ``repo`` (a paired run's copy);
+    ``env`` adds variables (``--pair-env``)."""
     repo = repo or repos.kloset_logical
     stage = repos.pgkloset(repo, "backup", "logical", "--dsn",
                            repos.cluster.dsn(), "--database", DB, "--bin-dir",
                            str(repos.cluster.bin_dir), "--json", "--tag", f"day-{day:02d}")
+    if env:
+        stage = Stage(stage.name, stage.argv, env={**(stage.env or {}), **env})
     m = run(label or f"pgkloset logical day {day}", [stage], capture=True)
     results = json.loads(m.stdout)
     db = next(r for r in results if r["kind"] == "logical")

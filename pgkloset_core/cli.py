@@ -60,7 +60,12 @@ def init(app: AppContext) -> None:
 
 @cli.group()
 def backup() -> None:
-    """Make a snapshot (of a stream, or of PostgreSQL)."""
+    """Make a snapshot (of a stream, or of PostgreSQL).
+
+    The threads that compress, encrypt and upload run 10 nicer than pgkloset
+    (PGKLOSET_WORKER_NICE, 0-19; 0: as nice), so on a busy machine they wait,
+    not pg_dump and the database serving it.
+    """
 
 
 @backup.command("stream")

@@ -1,8 +1,10 @@
-"""Process liveness, shared by locks, scratch instances and restores."""
+"""Process liveness and thread priority, shared by locks, scratch instances, backups and restores."""
 
 from __future__ import annotations
 
 import os
+import sys
+import threading
 
 
 def pid_alive(pid: int) -> bool:
@@ -23,3 +25,44 @@ def pid_alive(pid: int) -> bool:
             return True
         return True
     return state not in (b"Z", b"X")
+
+
+WORKER_NICE_ENV = "PGKLOSET_WORKER_NICE"
+DEFAULT_WORKER_NICE = 10
+
+
+def worker_nice() -> int:
+    """How much nicer than the process a backup's worker threads run (0: as nice).
+
+    Read from ``PGKLOSET_WORKER_NICE`` (0-19, default 10). Raises ValueError
+    with a one-line message for anything else, so a typo is not ignored.
+    """
+    raw = os.environ.get(WORKER_NICE_ENV, "").strip()
+    if not raw:
+        return DEFAULT_WORKER_NICE
+    try:
+        value = int(raw)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 19:
+        raise ValueError(f"{WORKER_NICE_ENV} must be a whole number from 0 to 19, not {raw!r}")
+    return value
+
+
+def lower_thread_priority(increment: int) -> None:
+    """Make the calling thread ``increment`` nicer than it is (Linux only).
+
+    On Linux a thread has its own nice value (setpriority with its thread id);
+    elsewhere that id could name another process, so nothing is done. A
+    backup's worker threads can fall behind and catch up, pg_dump and the
+    database backend serving it cannot: on a busy machine the workers should
+    be the ones that wait. Never raises (a sandbox may forbid it; the work
+    runs either way).
+    """
+    if increment <= 0 or not sys.platform.startswith("linux"):
+        return
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + increment))
+    except OSError:
+        pass

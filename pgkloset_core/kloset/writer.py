@@ -46,6 +46,7 @@ from pgkloset_core.kloset.snapshot import (
     Entry,
     Snapshot,
 )
+from pgkloset_core.procs import lower_thread_priority, worker_nice
 from pgkloset_core.storage.base import metadata_writes
 
 PACKS_PER_DELTA = 64
@@ -68,14 +69,15 @@ _Pending = tuple[Future[list[Prepared]], list[bytes | HashedChunk]]  # a batch a
 class _BlobSink:
     """Packs sealed blobs and uploads full packs in the background."""
 
-    def __init__(self, kloset: Kloset) -> None:
+    def __init__(self, kloset: Kloset, nice: int = 0) -> None:
         self.kloset = kloset
         self.salt = os.urandom(SALT_LEN)
         self.key = kloset.master.pack_key(self.salt)
         self.nonces = NonceCounter()
         self.pack = PackBuilder(self.salt)
         self.list_pack = PackBuilder(self.salt)
-        self.uploader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pgkloset-upload")
+        self.uploader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pgkloset-upload",
+                                           initializer=lower_thread_priority, initargs=(nice,))
         self.uploads: deque[Future[PackRecord]] = deque()
         self.pending_records: list[PackRecord] = []
         self.delta_names: list[str] = []
@@ -170,9 +172,16 @@ class SnapshotWriter:
         self.start_time = start_time or datetime.now(UTC)
         self.logical_bytes = 0
         self.followed_bytes = 0  # taken as a previous version predicted, without cutting
-        self.sink = _BlobSink(kloset)
+        try:
+            # The seal workers and the uploader can fall behind and catch up; the
+            # reader, pg_dump and the database backend serving it cannot.
+            self.nice = worker_nice()
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        self.sink = _BlobSink(kloset, self.nice)
         self.workers = workers
-        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pgkloset-seal")
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pgkloset-seal",
+                                       initializer=lower_thread_priority, initargs=(self.nice,))
         self._local = threading.local()
         self.index = kloset.load_index()
         cfg = kloset.config

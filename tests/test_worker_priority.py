@@ -1,0 +1,95 @@
+"""A backup's worker threads yield the CPU to pg_dump and the database.
+
+The seal workers and the uploader run ``PGKLOSET_WORKER_NICE`` (default 10)
+nicer than the process; the thread reading the stream keeps the process's
+priority, and so does everything the process starts. Observed from outside,
+in /proc, on a real ``pgkloset backup stream`` held open mid-stream.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.fixtures.kloset import CLI, MiB, seeded_bytes
+
+pytestmark = pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
+
+
+def thread_nices(pid: int) -> dict[int, int]:
+    """Each thread of ``pid``: its nice value (field 19 of /proc/PID/task/TID/stat)."""
+    nices = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+        except FileNotFoundError:  # the thread ended meanwhile
+            continue
+        nices[int(tid)] = int(stat.rsplit(")", 1)[1].split()[16])
+    return nices
+
+
+def nices_mid_stream(popen_cli, ready, env_extra: dict[str, str | None] | None = None,
+                     command: list[str] | None = None) -> tuple[int, dict[int, int]]:
+    """Start a stream backup, feed it more than a pack, and read its threads'
+    nice values while it waits for more (once ``ready(nices)``, or after 60 s);
+    then let it finish. Returns (pid, tid -> nice)."""
+    backup = popen_cli("backup", "stream", "--name", "held.bin", env_extra=env_extra,
+                       command=command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE)
+    # 40 MiB of random data: the workers seal it and the first 32 MiB pack uploads.
+    backup.stdin.write(seeded_bytes(7, 40 * MiB))
+    backup.stdin.flush()
+    deadline = time.monotonic() + 60
+    nices = thread_nices(backup.pid)
+    while not ready(nices) and time.monotonic() < deadline:
+        time.sleep(0.05)
+        nices = thread_nices(backup.pid)
+    backup.stdin.close()
+    assert backup.wait(timeout=120) == 0, backup.stderr.read().decode()
+    return backup.pid, nices
+
+
+def at(nice: int, count: int = 3):
+    """Ready once ``count`` threads run at ``nice`` (two seal workers and the uploader)."""
+    return lambda nices: sum(1 for n in nices.values() if n == nice) >= count
+
+
+def test_workers_run_nicer_than_the_reader(cli_kloset, popen_cli, run_cli) -> None:
+    pid, nices = nices_mid_stream(popen_cli, at(10))
+    assert nices[pid] == 0, nices  # the main thread cuts the stream at the caller's priority
+    assert sum(1 for n in nices.values() if n == 10) >= 3, nices
+    assert set(nices.values()) == {0, 10}, nices
+    assert run_cli("cat", "latest").stdout == seeded_bytes(7, 40 * MiB)  # stored whole
+
+
+def test_worker_nice_zero_leaves_every_thread_alone(cli_kloset, popen_cli) -> None:
+    _, nices = nices_mid_stream(popen_cli, lambda nices: len(nices) >= 5,
+                                {"PGKLOSET_WORKER_NICE": "0"})
+    assert len(nices) >= 5, nices  # main, reader, lock refresh, two seal workers, uploader
+    assert set(nices.values()) == {0}, nices
+
+
+@pytest.mark.parametrize(("outer", "setting", "workers"), [(5, "3", 8), (15, None, 19)])
+def test_worker_nice_adds_to_the_process_nice(cli_kloset, popen_cli, outer, setting,
+                                              workers) -> None:
+    """Under ``nice -n OUTER`` the workers run OUTER + the setting, at most 19."""
+    env = {"PGKLOSET_WORKER_NICE": setting} if setting else None
+    pid, nices = nices_mid_stream(popen_cli, at(workers), env,
+                                  command=["nice", "-n", str(outer), *CLI])
+    assert nices[pid] == outer, nices
+    assert set(nices.values()) == {outer, workers}, nices
+
+
+@pytest.mark.parametrize("value", ["ten", "-1", "20", "1.5"])
+def test_a_bad_worker_nice_is_one_line_and_stores_nothing(cli_kloset, run_cli, value) -> None:
+    before = run_cli("snapshots", "--json").stdout
+    proc = run_cli("backup", "stream", "--name", "x.bin", input=seeded_bytes(1, MiB),
+                   env_extra={"PGKLOSET_WORKER_NICE": value}, check=False)
+    err = proc.stderr.decode().strip()
+    assert proc.returncode == 2, err
+    assert err.count("\n") == 0 and "PGKLOSET_WORKER_NICE" in err and value in err, err
+    assert run_cli("snapshots", "--json").stdout == before
