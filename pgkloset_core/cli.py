@@ -62,9 +62,9 @@ def init(app: AppContext) -> None:
 def backup() -> None:
     """Make a snapshot (of a stream, or of PostgreSQL).
 
-    The threads that compress, encrypt and upload run 10 nicer than pgkloset
-    (PGKLOSET_WORKER_NICE, 0-19; 0: as nice), so on a busy machine they wait,
-    not pg_dump and the database serving it.
+    PGKLOSET_WORKER_NICE=N (0-19, default 0) runs the threads that compress,
+    encrypt and upload N nicer than pgkloset, so on a busy machine they wait,
+    not pg_dump and the database's queries.
     """
 
 

@@ -1,9 +1,10 @@
-"""A backup's worker threads yield the CPU to pg_dump and the database.
+"""A backup's worker threads can yield the CPU to pg_dump and the database.
 
-The seal workers and the uploader run ``PGKLOSET_WORKER_NICE`` (default 10)
-nicer than the process; the thread reading the stream keeps the process's
-priority, and so does everything the process starts. Observed from outside,
-in /proc, on a real ``pgkloset backup stream`` held open mid-stream.
+With ``PGKLOSET_WORKER_NICE=N`` (default 0: off) the seal workers and the
+uploader run N nicer than the process; the thread reading the stream keeps
+the process's priority, and so does everything the process starts. Observed
+from outside, in /proc, on a real ``pgkloset backup stream`` held open
+mid-stream.
 """
 
 from __future__ import annotations
@@ -59,25 +60,27 @@ def at(nice: int, count: int = 3):
 
 
 def test_workers_run_nicer_than_the_reader(cli_kloset, popen_cli, run_cli) -> None:
-    pid, nices = nices_mid_stream(popen_cli, at(10))
+    pid, nices = nices_mid_stream(popen_cli, at(10), {"PGKLOSET_WORKER_NICE": "10"})
     assert nices[pid] == 0, nices  # the main thread cuts the stream at the caller's priority
     assert sum(1 for n in nices.values() if n == 10) >= 3, nices
     assert set(nices.values()) == {0, 10}, nices
     assert run_cli("cat", "latest").stdout == seeded_bytes(7, 40 * MiB)  # stored whole
 
 
-def test_worker_nice_zero_leaves_every_thread_alone(cli_kloset, popen_cli) -> None:
-    _, nices = nices_mid_stream(popen_cli, lambda nices: len(nices) >= 5,
-                                {"PGKLOSET_WORKER_NICE": "0"})
+@pytest.mark.parametrize("setting", [None, "0"])
+def test_by_default_or_at_zero_every_thread_keeps_its_priority(cli_kloset, popen_cli,
+                                                                setting) -> None:
+    env = {"PGKLOSET_WORKER_NICE": setting} if setting else {"PGKLOSET_WORKER_NICE": None}
+    _, nices = nices_mid_stream(popen_cli, lambda nices: len(nices) >= 5, env)
     assert len(nices) >= 5, nices  # main, reader, lock refresh, two seal workers, uploader
     assert set(nices.values()) == {0}, nices
 
 
-@pytest.mark.parametrize(("outer", "setting", "workers"), [(5, "3", 8), (15, None, 19)])
+@pytest.mark.parametrize(("outer", "setting", "workers"), [(5, "3", 8), (15, "10", 19)])
 def test_worker_nice_adds_to_the_process_nice(cli_kloset, popen_cli, outer, setting,
                                               workers) -> None:
     """Under ``nice -n OUTER`` the workers run OUTER + the setting, at most 19."""
-    env = {"PGKLOSET_WORKER_NICE": setting} if setting else None
+    env = {"PGKLOSET_WORKER_NICE": setting}
     pid, nices = nices_mid_stream(popen_cli, at(workers), env,
                                   command=["nice", "-n", str(outer), *CLI])
     assert nices[pid] == outer, nices

@@ -173,8 +173,8 @@ class SnapshotWriter:
         self.logical_bytes = 0
         self.followed_bytes = 0  # taken as a previous version predicted, without cutting
         try:
-            # The seal workers and the uploader can fall behind and catch up; the
-            # reader, pg_dump and the database backend serving it cannot.
+            # Opt-in: the seal workers and the uploader can fall behind and catch
+            # up; the reader, pg_dump and the database's queries cannot.
             self.nice = worker_nice()
         except ValueError as exc:
             raise UsageError(str(exc)) from None
