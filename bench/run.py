@@ -269,13 +269,12 @@ class Bench:
         default at the same moments, not in another hour's run.
         """
         alt = dict([self.args.pair_env.split("=", 1)]) if self.args.pair_env else None
-        names = ["pg_dump", "pgkloset", "alt"] if alt else ["pg_dump", "pgkloset"]
+        names = ["pgkloset", "pg_dump", *(["alt"] if alt else [])]
         out = []
         try:
             for i in range(self.args.pairs):
                 k = (day + i) % len(names)
-                order = names[k:] + names[:k] if alt else (
-                    ["pg_dump", "pgkloset"] if (day + i) % 2 else ["pgkloset", "pg_dump"])
+                order = names[k:] + names[:k]
                 walls: dict[str, float] = {}
                 for name in order:
                     label = f"pair {i + 1} {name} day {day}"

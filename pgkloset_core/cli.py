@@ -66,6 +66,12 @@ def backup() -> None:
     encrypt and upload N nicer than pgkloset, so on a busy machine they wait,
     not pg_dump and the database's queries.
     """
+    from pgkloset_core.procs import worker_nice
+
+    try:  # refused before anything connects or locks (the writer checks it again)
+        worker_nice()
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
 
 @backup.command("stream")

@@ -101,3 +101,13 @@ def test_a_bad_worker_nice_is_one_line_and_stores_nothing(cli_kloset, run_cli, v
     assert proc.returncode == 2, err
     assert err.count("\n") == 0 and "PGKLOSET_WORKER_NICE" in err and value in err, err
     assert run_cli("snapshots", "--json").stdout == before
+
+
+def test_a_bad_worker_nice_stops_a_logical_backup_before_it_connects(cli_kloset, run_cli) -> None:
+    # Nothing listens on this port: an error naming the setting, not the connection,
+    # shows the value was refused before pg_dump started or the kloset was locked.
+    proc = run_cli("backup", "logical", "--dsn", "host=127.0.0.1 port=1 dbname=x",
+                   "--database", "x", env_extra={"PGKLOSET_WORKER_NICE": "eleven"}, check=False)
+    err = proc.stderr.decode().strip()
+    assert proc.returncode == 2, err
+    assert err.count("\n") == 0 and "PGKLOSET_WORKER_NICE" in err and "eleven" in err, err
