@@ -276,6 +276,33 @@ def test_read_buffers_are_reused_so_memory_stays_flat() -> None:
         assert cutter.blocks_allocated <= 8
 
 
+def test_views_are_the_same_chunks_and_their_blocks_come_back() -> None:
+    """Chunks as views into the read blocks: no copies, the same cuts, a few blocks reused."""
+    data = random.Random(3).randbytes(48 * 1024 * 1024)
+    big = FastCDC(65536, min_size=16384, max_size=262144, normalized_chunking=3, seed=1)
+    plain = [bytes(c.data) for c in big.cut_buf(data)]
+    for previous in (None, PreviousCuts(refs_of(plain))):
+        cutter = Cutter(big, chunk_id, previous, views=True)
+        got = []
+        for chunk in cutter.cut(io.BytesIO(data)):
+            view = chunk.data if isinstance(chunk, HashedChunk) else chunk
+            assert isinstance(view, memoryview)
+            got.append(bytes(view))
+            del chunk, view  # dropped once used, as the writer does
+        assert got == plain
+        assert cutter.blocks_allocated <= 8
+
+
+def test_a_kept_view_keeps_its_block_from_being_read_into() -> None:
+    """A consumer holding every chunk: no block is reused under it, so nothing changes."""
+    data = random.Random(5).randbytes(24 * 1024 * 1024)
+    big = FastCDC(65536, min_size=16384, max_size=262144, normalized_chunking=3, seed=1)
+    cutter = Cutter(big, chunk_id, views=True)
+    kept = list(cutter.cut(io.BytesIO(data)))
+    assert b"".join(kept) == data  # type: ignore[arg-type]
+    assert cutter.blocks_allocated >= 24 * 1024 * 1024 // (2 * 1024 * 1024)
+
+
 def test_huge_chunk_settings_read_in_the_callers_thread() -> None:
     """Blocks of 4 MiB maximum chunks exceed the read-ahead budget: no thread, same cuts."""
     import threading
@@ -289,6 +316,17 @@ def test_huge_chunk_settings_read_in_the_callers_thread() -> None:
     assert {t for t in threading.enumerate() if t.name == "pgkloset-read"} == before
     got = [first, *chunks]
     assert got == [bytes(c.data) for c in huge.cut_buf(data)]
+    assert cutter.blocks_allocated == 1
+
+
+def test_large_chunks_are_copied_even_when_views_are_asked_for() -> None:
+    """4 MiB chunks in 4 MiB blocks: a view would hold a whole block per chunk waiting."""
+    huge = FastCDC(1 << 20, min_size=1 << 18, max_size=1 << 22, normalized_chunking=3, seed=1)
+    data = random.Random(4).randbytes(12 * 1024 * 1024)
+    cutter = Cutter(huge, chunk_id, views=True)
+    got = list(cutter.cut(io.BytesIO(data)))
+    assert all(type(c) is bytes for c in got)
+    assert b"".join(got) == data  # type: ignore[arg-type]
     assert cutter.blocks_allocated == 1
 
 

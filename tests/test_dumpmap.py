@@ -178,6 +178,37 @@ def test_map_is_the_same_with_and_without_memmem(source: LocalInstance,
     _assert_map_of(dump, with_memmem, _listed_data_ids(source, dump))
 
 
+def test_map_is_the_same_fed_views_into_a_buffer(source: LocalInstance) -> None:
+    """The writer feeds views into its read blocks, searched in place: the same map as bytes."""
+    dump = _dump(source, DB, "-Fc", "-Z0")
+    block = bytearray(dump)
+    scanner = DumpScanner()
+    for i in range(0, len(dump), 65536):
+        scanner.feed(memoryview(block)[i:i + 65536])
+    found = scanner.finish()
+    assert found is not None, scanner.failed
+    assert found == _scan(dump, 65536).finish()
+    block.append(0)  # no view of the buffer is left behind
+
+
+@pytest.mark.parametrize("where", [0, 1, 500, 994])
+def test_holds_finds_a_needle_inside_a_view_and_not_outside(where: int) -> None:
+    needle = b"\x00" * 5 + b"\x01\x00"
+    buf = bytearray(b"x" * 1000)
+    buf[where:where + len(needle)] = needle[:1000 - where]
+    view = memoryview(buf)
+    whole = where + len(needle) <= 1000
+    assert dumpmap._holds(view, needle) is whole
+    assert dumpmap._holds(view.toreadonly(), needle) is whole
+    assert dumpmap._holds(bytes(buf), needle) is whole
+    # A view that stops one byte short of the needle's end must not see it.
+    assert dumpmap._holds(view[:where + len(needle) - 1], needle) is False
+    assert dumpmap._holds(view[where + 1:], needle) is False
+    assert dumpmap._holds(view[:0], needle) is False
+    view.release()
+    buf.append(0)  # the search left no export behind
+
+
 def test_blocks_out_of_toc_order_give_no_map(source: LocalInstance) -> None:
     """Each block end is searched with the next header the TOC names: swapped blocks never map."""
     dump = _dump(source, DB, "-Fc", "-Z0")

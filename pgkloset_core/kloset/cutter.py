@@ -12,6 +12,10 @@ chunks plain cutting gives, for less CPU (tests check both).
 
 The stream is read in large blocks by a thread of its own, ahead of the
 cutting, into a few blocks that are reused (fresh ones cost page faults).
+With ``views`` the chunks are memoryviews into those blocks instead of
+copies: a block goes back to the reader only once no chunk views it any
+more (CPython refuses to resize a bytearray with live views, which is how
+that is checked), so a chunk's bytes never change under it.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import queue
 import stat
 import threading
 from array import array
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import BinaryIO, NamedTuple
 
@@ -31,6 +36,7 @@ from pyfastcdc import FastCDC
 BLOCK_SIZE = 2 * 1024 * 1024  # bytes read before cutting (pipes give 1 MiB per read at most)
 READ_AHEAD_BYTES = 6 * 1024 * 1024  # blocks read ahead of the cutting (a thread needs two)
 PIPE_SIZE = 1 << 20  # a pipe widened to this lets pg_dump write ahead while the reader is busy
+VIEW_CHUNKS_PER_BLOCK = 8  # chunks handed out as views only if a block holds this many
 FOLLOW_MAX = 1 << 20  # chunks of a previous version remembered (~64 GiB at 64 KiB chunks)
 _POS_BITS = 24  # sort keys: id prefix with its low 24 bits replaced by the position
 _POS_MASK = (1 << _POS_BITS) - 1
@@ -41,7 +47,7 @@ ChunkId = Callable[[memoryview], bytes]
 class HashedChunk(NamedTuple):
     """A chunk whose id the cutter computed already (the writer does not hash it again)."""
 
-    data: bytes
+    data: bytes | memoryview
     blob_id: bytes
 
 
@@ -94,23 +100,36 @@ class PreviousCuts:
 
 
 class Cutter:
-    """Yields a stream's chunks: bytes, or HashedChunks when following a previous list."""
+    """Yields a stream's chunks: bytes, or HashedChunks when following a previous list.
+
+    ``views``: chunks are memoryviews into the read blocks rather than
+    copies (one memcpy per byte saved). They are writable (the dump scanner
+    hands them to libc's memmem); consumers only read them. A consumer that
+    keeps them keeps their blocks, so it should drop each chunk once done.
+    Only where a block holds many chunks: with a few large chunks per block,
+    each chunk waiting in the writer's window would hold a block of its own
+    (docs/BENCHMARKS.md, third round's RSS), so those are still copied.
+    """
 
     def __init__(self, chunker: FastCDC, chunk_id: ChunkId,
-                 previous: PreviousCuts | None = None, block_size: int = BLOCK_SIZE) -> None:
+                 previous: PreviousCuts | None = None, block_size: int = BLOCK_SIZE,
+                 views: bool = False) -> None:
         self.chunker = chunker
         self.max_size = chunker.max_size
         self.chunk_id = chunk_id
         self.previous = previous if previous else None
         self.block_size = max(block_size, self.max_size)  # a tail plus a block holds a chunk
+        self.views = views and self.max_size * VIEW_CHUNKS_PER_BLOCK <= self.block_size
         self.followed_bytes = 0  # taken as predicted, without cutting
         self.cut_bytes = 0  # cut with FastCDC
         self.blocks_allocated = 0  # read buffers made (the rest were reused)
         self.read_calls = 0  # reads of the stream
 
-    def cut(self, stream: BinaryIO) -> Iterator[bytes | HashedChunk]:
+    def cut(self, stream: BinaryIO) -> Iterator[bytes | memoryview | HashedChunk]:
         head = self.max_size  # room before each block for the previous block's uncut tail
         reader = _ReadAhead(stream, head, self.block_size)
+        retired: deque[bytearray] = deque()  # blocks cut, maybe still viewed by chunks
+        take: Callable[[memoryview], bytes | memoryview] = _same if self.views else bytes
         try:
             tail = b""
             nxt: int | None = 0  # position in the previous list expected next
@@ -121,20 +140,23 @@ class Cutter:
                 block[p:head] = tail
                 view = memoryview(block)
                 # Cut only with max_size bytes ahead (or at the end): exactly as a
-                # cut over the whole stream at once would. Chunks are copied out,
-                # so the block goes back to the reader: memory stays at a few blocks.
+                # cut over the whole stream at once would.
                 while p < n and (eof or n - p >= self.max_size):
                     if self.previous is None:
                         length = self._cut_length(view[p:n])
                         self.cut_bytes += length
-                        yield bytes(view[p:p + length])
+                        yield take(view[p:p + length])
                     else:
                         length, blob_id, nxt = self._next_following(view, p, n, nxt)
-                        yield HashedChunk(bytes(view[p:p + length]), blob_id)
+                        yield HashedChunk(take(view[p:p + length]), blob_id)
                     p += length
                 tail = bytes(view[p:n])
                 view.release()
-                reader.recycle(block)
+                # Blocks go back to the reader in the order they were cut, each once
+                # the chunks viewing it are dropped: memory stays at a few blocks.
+                retired.append(block)
+                while retired and reader.recycle(retired[0]):
+                    retired.popleft()
         finally:
             reader.close()
             self.blocks_allocated = reader.allocated
@@ -238,18 +260,23 @@ class _ReadAhead:
             raise item
         return item
 
-    def recycle(self, block: bytearray) -> None:
-        """Hand a block back for reading into; only once nothing else views it."""
+    def recycle(self, block: bytearray) -> bool:
+        """Hand a block back for reading into, if nothing views it any more."""
         try:
             block.append(0)  # a block still viewed cannot be resized: never reuse it then
         except BufferError:
-            return
+            return False
         block.pop()
         self.free.put(block)
+        return True
 
     def close(self) -> None:
         """Stop reading (the thread ends at its next block, or at the stream's end)."""
         self.stopped.set()
+
+
+def _same(view: memoryview) -> memoryview:
+    return view
 
 
 def _widen_pipe(stream: BinaryIO) -> None:

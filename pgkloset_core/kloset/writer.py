@@ -52,7 +52,8 @@ from pgkloset_core.storage.base import metadata_writes
 PACKS_PER_DELTA = 64
 BATCH_BYTES = 1024 * 1024  # chunk bytes per worker task (a hashed chunk counts half)
 Prepared = tuple[bytes, int, bytes | None]  # blob id, length, sealed blob (None: known)
-Observer = Callable[[bytes, bytes], None]  # (chunk data, blob id), in stream order
+Chunk = bytes | memoryview | HashedChunk
+Observer = Callable[[bytes | memoryview, bytes], None]  # (chunk data, blob id), in stream order
 Progress = Callable[[int], None]
 
 
@@ -63,7 +64,7 @@ class KnownChunk(NamedTuple):
     length: int
 
 
-_Pending = tuple[Future[list[Prepared]], list[bytes | HashedChunk]]  # a batch at the workers
+_Pending = tuple[Future[list[Prepared]], list[Chunk]]  # a batch at the workers
 
 
 class _BlobSink:
@@ -201,7 +202,7 @@ class SnapshotWriter:
             comp = self._local.zstd = zstandard.ZstdCompressor(level=self.kloset.config.zstd_level)
         return comp
 
-    def _prepare(self, chunk: bytes | HashedChunk) -> Prepared:
+    def _prepare(self, chunk: Chunk) -> Prepared:
         """Hash; seal only blobs the kloset does not hold yet (runs in a worker)."""
         if isinstance(chunk, HashedChunk):
             data, blob_id = chunk
@@ -241,14 +242,16 @@ class SnapshotWriter:
             return self.add_chunks(name, iter(lambda: _read_full(stream, size), b""),
                                    entry_type=entry_type, progress=progress, observe=observe,
                                    **attrs)
-        cutter = Cutter(self.chunker, self.kloset.master.chunk_id, previous)
+        # Chunks view the cutter's read blocks (no copy); add_chunks drops each
+        # once sealed and observed, which hands its block back to the reader.
+        cutter = Cutter(self.chunker, self.kloset.master.chunk_id, previous, views=True)
         try:
             return self.add_chunks(name, cutter.cut(stream), entry_type=entry_type,
                                    progress=progress, observe=observe, **attrs)
         finally:
             self.followed_bytes += cutter.followed_bytes
 
-    def add_chunks(self, name: str, chunks: Iterable[bytes | HashedChunk | KnownChunk], *,
+    def add_chunks(self, name: str, chunks: Iterable[Chunk | KnownChunk], *,
                    entry_type: str = "stream", progress: Progress | None = None,
                    observe: Observer | None = None, **attrs: Any) -> Entry:
         """Store content already cut into chunks (``sync`` keeps the source's boundaries).
@@ -263,7 +266,7 @@ class SnapshotWriter:
         window: deque[_Pending | KnownChunk] = deque()
         depth = self.workers * 2
         size = 0
-        batch: list[bytes | HashedChunk] = []
+        batch: list[Chunk] = []
         batch_bytes = 0
 
         def submit() -> None:
@@ -310,7 +313,7 @@ class SnapshotWriter:
         self.entries.append(entry)
         return entry
 
-    def _prepare_batch(self, batch: list[bytes | HashedChunk]) -> list[Prepared]:
+    def _prepare_batch(self, batch: list[Chunk]) -> list[Prepared]:
         return [self._prepare(chunk) for chunk in batch]
 
     def _take(self, item: _Pending | KnownChunk,

@@ -64,18 +64,32 @@ def _libc_memmem() -> Callable[[bytes, int, bytes, int], int | None] | None:
     except (AttributeError, OSError):
         return None
     fn.restype = ctypes.c_void_p
-    fn.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_size_t]
-    return cast(Callable[[bytes, int, bytes, int], "int | None"], fn)
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_size_t]
+    return cast(Callable[[bytes | int, int, bytes, int], "int | None"], fn)
 
 
 _MEMMEM = _libc_memmem()
 
 
-def _holds(data: bytes, needle: bytes) -> bool:
-    """Whether ``needle`` occurs in ``data``: searched by memmem where libc has it."""
+def _holds(data: bytes | memoryview, needle: bytes) -> bool:
+    """Whether ``needle`` occurs in ``data``: searched by memmem where libc has it.
+
+    A writable view (a chunk inside the writer's read block) is searched in
+    place; a read-only one is copied first (ctypes cannot point into it).
+    """
+    if isinstance(data, memoryview) and (data.readonly or _MEMMEM is None or not data.nbytes):
+        data = bytes(data)
     if _MEMMEM is None:
-        return data.find(needle) >= 0
-    return _MEMMEM(data, len(data), needle, len(needle)) is not None
+        return cast(bytes, data).find(needle) >= 0
+    if isinstance(data, bytes):
+        return _MEMMEM(data, len(data), needle, len(needle)) is not None
+    import ctypes
+
+    pinned = ctypes.c_char.from_buffer(data)  # holds the view exported for the call
+    try:
+        return _MEMMEM(ctypes.addressof(pinned), data.nbytes, needle, len(needle)) is not None
+    finally:
+        del pinned
 
 
 class Unsupported(Exception):
@@ -462,7 +476,7 @@ class DumpScanner:
         tail = self.buf[self.search_from - self.base:]
         if (tail + data[:keep]).find(needle) >= 0:
             return True
-        if not clean and _holds(data if isinstance(data, bytes) else bytes(data), needle):
+        if not clean and _holds(data, needle):
             return True
         self.size += len(data)
         if len(data) >= keep:
