@@ -62,18 +62,14 @@ def init(app: AppContext) -> None:
 def backup() -> None:
     """Make a snapshot (of a stream, or of PostgreSQL).
 
-    pgkloset's own threads run under SCHED_BATCH while they read a stream
-    (Linux): their wake-ups do not preempt pg_dump or the database, at the
-    same CPU share. PGKLOSET_BATCH_SCHEDULING=0 turns that off.
     PGKLOSET_WORKER_NICE=N (0-19, default 0) runs the threads that compress,
     encrypt and upload N nicer than pgkloset, so on a busy machine they wait,
     not pg_dump and the database's queries.
     """
-    from pgkloset_core.procs import batch_scheduling_wanted, worker_nice
+    from pgkloset_core.procs import worker_nice
 
-    try:  # refused before anything connects or locks (the writer checks them again)
+    try:  # refused before anything connects or locks (the writer checks it again)
         worker_nice()
-        batch_scheduling_wanted()
     except ValueError as exc:
         raise UsageError(str(exc)) from None
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 import os
 import sys
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 
 def pid_alive(pid: int) -> bool:
@@ -68,54 +66,3 @@ def lower_thread_priority(increment: int) -> None:
         os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + increment))
     except OSError:
         pass
-
-
-BATCH_ENV = "PGKLOSET_BATCH_SCHEDULING"
-
-
-def batch_scheduling_wanted() -> bool:
-    """Whether a backup's own threads run under SCHED_BATCH (``PGKLOSET_BATCH_SCHEDULING``).
-
-    "1" (the default) or "0"; anything else raises ValueError with a
-    one-line message, so a typo is not ignored.
-    """
-    raw = os.environ.get(BATCH_ENV, "").strip()
-    if raw in ("", "1"):
-        return True
-    if raw == "0":
-        return False
-    raise ValueError(f"{BATCH_ENV} must be 1 (on, the default) or 0 (off), not {raw!r}")
-
-
-@contextmanager
-def batch_scheduling(wanted: bool = True) -> Iterator[None]:
-    """Run the calling thread, and the threads it starts meanwhile, under SCHED_BATCH.
-
-    Linux only, and only from the ordinary policy (an operator's ``chrt``
-    choice is kept). SCHED_BATCH keeps the thread's CPU share and nice
-    value; what changes is that its wake-ups no longer preempt a running
-    task. During a backup that task is usually pg_dump or the database
-    backend serving it, the dump's one critical path; pgkloset's threads
-    can wait for the next tick. Processes started inside the block inherit
-    the policy, so pg_dump must be started before it. Restored on the way
-    out; never raises (a sandbox may forbid it; the work runs either way).
-    """
-    setsched = getattr(os, "sched_setscheduler", None)
-    if not wanted or setsched is None or not sys.platform.startswith("linux"):
-        yield
-        return
-    try:
-        if os.sched_getscheduler(0) != os.SCHED_OTHER:
-            yield
-            return
-        setsched(0, os.SCHED_BATCH, os.sched_param(0))
-    except OSError:
-        yield
-        return
-    try:
-        yield
-    finally:
-        try:
-            setsched(0, os.SCHED_OTHER, os.sched_param(0))
-        except OSError:
-            pass

@@ -1,20 +1,16 @@
-"""A backup's threads yield the CPU to pg_dump and the database.
+"""A backup's worker threads can yield the CPU to pg_dump and the database.
 
-By default every thread of a backup that reads a stream runs under
-SCHED_BATCH (``PGKLOSET_BATCH_SCHEDULING=0``: off), restored once the stream
-is stored. With ``PGKLOSET_WORKER_NICE=N`` (default 0: off) the seal
-workers and the uploader also run N nicer than the process; the thread
-reading the stream keeps the process's priority, and so does everything the
-process starts. Observed from outside, in /proc, on a real ``pgkloset
-backup stream`` held open mid-stream, and from inside the library.
+With ``PGKLOSET_WORKER_NICE=N`` (default 0: off) the seal workers and the
+uploader run N nicer than the process; the thread reading the stream keeps
+the process's priority, and so does everything the process starts. Observed
+from outside, in /proc, on a real ``pgkloset backup stream`` held open
+mid-stream.
 """
 
 from __future__ import annotations
 
-import io
 import os
 import subprocess
-import threading
 import time
 from pathlib import Path
 
@@ -39,36 +35,6 @@ def thread_nices(pid: int) -> dict[int, int]:
             continue
         nices[int(tid)] = int(stat.rsplit(")", 1)[1].split()[16])
     return nices
-
-
-def thread_policies(pid: int) -> dict[int, int]:
-    """Each thread of ``pid``: its scheduling policy (field 41 of its stat; 3 is SCHED_BATCH)."""
-    policies = {}
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
-        except FileNotFoundError:
-            continue
-        policies[int(tid)] = int(stat.rsplit(")", 1)[1].split()[38])
-    return policies
-
-
-def policies_mid_stream(popen_cli, ready, env_extra: dict[str, str | None] | None = None,
-                        command: list[str] | None = None) -> tuple[int, dict[int, int]]:
-    """As ``nices_mid_stream``, for scheduling policies."""
-    backup = popen_cli("backup", "stream", "--name", "held.bin", env_extra=env_extra,
-                       command=command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                       stderr=subprocess.PIPE)
-    backup.stdin.write(seeded_bytes(7, 40 * MiB))
-    backup.stdin.flush()
-    deadline = time.monotonic() + 60
-    policies = thread_policies(backup.pid)
-    while not ready(policies) and time.monotonic() < deadline:
-        time.sleep(0.05)
-        policies = thread_policies(backup.pid)
-    backup.stdin.close()
-    assert backup.wait(timeout=120) == 0, backup.stderr.read().decode()
-    return backup.pid, policies
 
 
 def nices_mid_stream(popen_cli, ready, env_extra: dict[str, str | None] | None = None,
@@ -145,79 +111,3 @@ def test_a_bad_worker_nice_stops_a_logical_backup_before_it_connects(cli_kloset,
     err = proc.stderr.decode().strip()
     assert proc.returncode == 2, err
     assert err.count("\n") == 0 and "PGKLOSET_WORKER_NICE" in err and "eleven" in err, err
-
-
-SCHED_BATCH, SCHED_IDLE = 3, 5
-
-
-def test_a_backup_s_threads_run_under_sched_batch(cli_kloset, popen_cli, run_cli) -> None:
-    """The thread cutting the stream and those it started: all batch, at their nice."""
-    pid, policies = policies_mid_stream(
-        popen_cli, lambda p: sum(1 for v in p.values() if v == SCHED_BATCH) >= 5)
-    assert policies[pid] == SCHED_BATCH, policies  # the main thread, inside add_stream
-    # reader, two seal workers, uploader besides (the lock refresher started earlier)
-    assert sum(1 for v in policies.values() if v == SCHED_BATCH) >= 5, policies
-    assert run_cli("cat", "latest").stdout == seeded_bytes(7, 40 * MiB)
-
-
-def test_batch_scheduling_off_leaves_every_thread_ordinary(cli_kloset, popen_cli) -> None:
-    _, policies = policies_mid_stream(popen_cli, lambda p: len(p) >= 6,
-                                      {"PGKLOSET_BATCH_SCHEDULING": "0"})
-    assert len(policies) >= 6, policies
-    assert set(policies.values()) == {0}, policies
-
-
-def test_an_operator_s_policy_is_kept(cli_kloset, popen_cli) -> None:
-    """Started under ``chrt --idle``: pgkloset leaves that alone, nothing becomes batch."""
-    _, policies = policies_mid_stream(popen_cli, lambda p: len(p) >= 6,
-                                      command=["chrt", "--idle", "0", *CLI])
-    assert len(policies) >= 6, policies
-    assert set(policies.values()) == {SCHED_IDLE}, policies
-
-
-@pytest.mark.parametrize("value", ["yes", "2", "on"])
-def test_a_bad_batch_setting_is_one_line_and_stores_nothing(cli_kloset, run_cli, value) -> None:
-    before = run_cli("snapshots", "--json").stdout
-    proc = run_cli("backup", "stream", "--name", "x.bin", input=seeded_bytes(1, MiB),
-                   env_extra={"PGKLOSET_BATCH_SCHEDULING": value}, check=False)
-    err = proc.stderr.decode().strip()
-    assert proc.returncode == 2, err
-    assert err.count("\n") == 0 and "PGKLOSET_BATCH_SCHEDULING" in err and value in err, err
-    assert run_cli("snapshots", "--json").stdout == before
-
-
-@pytest.mark.parametrize("setting", [None, "0"])
-def test_the_calling_thread_gets_its_policy_back(lib_kloset, monkeypatch, setting) -> None:
-    """In the library (Dagster runs backups in its own threads): batch only while a
-    stream is read, ordinary again after, and a process started before keeps ordinary."""
-    if setting is None:
-        monkeypatch.delenv("PGKLOSET_BATCH_SCHEDULING", raising=False)
-    else:
-        monkeypatch.setenv("PGKLOSET_BATCH_SCHEDULING", setting)
-    seen: list[tuple[int, dict[int, int]]] = []
-    result: list[int] = []
-
-    def run() -> None:
-        producer = subprocess.Popen(["sleep", "30"])  # started before, as pg_dump is
-        try:
-            with lib_kloset.writer(kind="stream", lock=None) as writer:
-                def observe(data, blob_id) -> None:
-                    if not seen:
-                        seen.append((os.sched_getscheduler(0),
-                                     thread_policies(os.getpid()) | thread_policies(producer.pid)))
-                writer.add_stream("s.bin", io.BytesIO(seeded_bytes(3, 4 * MiB)), observe=observe)
-                result.append(os.sched_getscheduler(0))
-                seen.append((0, {producer.pid: thread_policies(producer.pid)[producer.pid]}))
-                writer.commit()
-        finally:
-            producer.kill()
-            producer.wait()
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    thread.join(timeout=120)
-    assert result == [os.SCHED_OTHER]  # restored once the stream is stored
-    inside, policies = seen[0]
-    assert inside == (SCHED_BATCH if setting is None else os.SCHED_OTHER)
-    assert list(seen[1][1].values()) == [0]  # the producer: ordinary throughout
-    assert os.sched_getscheduler(0) == os.SCHED_OTHER  # the test's own thread untouched

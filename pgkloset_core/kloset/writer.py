@@ -46,12 +46,7 @@ from pgkloset_core.kloset.snapshot import (
     Entry,
     Snapshot,
 )
-from pgkloset_core.procs import (
-    batch_scheduling,
-    batch_scheduling_wanted,
-    lower_thread_priority,
-    worker_nice,
-)
+from pgkloset_core.procs import lower_thread_priority, worker_nice
 from pgkloset_core.storage.base import metadata_writes
 
 PACKS_PER_DELTA = 64
@@ -182,7 +177,6 @@ class SnapshotWriter:
             # Opt-in: the seal workers and the uploader can fall behind and catch
             # up; the reader, pg_dump and the database's queries cannot.
             self.nice = worker_nice()
-            self.batch = batch_scheduling_wanted()
         except ValueError as exc:
             raise UsageError(str(exc)) from None
         self.sink = _BlobSink(kloset, self.nice)
@@ -243,23 +237,19 @@ class SnapshotWriter:
         every byte.
         """
         self._check_open(name)
-        # The producer (pg_dump, pg_basebackup) was started before this, so
-        # it keeps the ordinary policy; this thread and those it starts (reader,
-        # workers, uploader) yield to it (procs.batch_scheduling).
-        with batch_scheduling(self.batch):
-            if fixed:
-                size = self.kloset.config.avg_chunk
-                return self.add_chunks(name, iter(lambda: _read_full(stream, size), b""),
-                                       entry_type=entry_type, progress=progress,
-                                       observe=observe, **attrs)
-            # Chunks view the cutter's read blocks (no copy); add_chunks drops each
-            # once sealed and observed, which hands its block back to the reader.
-            cutter = Cutter(self.chunker, self.kloset.master.chunk_id, previous, views=True)
-            try:
-                return self.add_chunks(name, cutter.cut(stream), entry_type=entry_type,
-                                       progress=progress, observe=observe, **attrs)
-            finally:
-                self.followed_bytes += cutter.followed_bytes
+        if fixed:
+            size = self.kloset.config.avg_chunk
+            return self.add_chunks(name, iter(lambda: _read_full(stream, size), b""),
+                                   entry_type=entry_type, progress=progress, observe=observe,
+                                   **attrs)
+        # Chunks view the cutter's read blocks (no copy); add_chunks drops each
+        # once sealed and observed, which hands its block back to the reader.
+        cutter = Cutter(self.chunker, self.kloset.master.chunk_id, previous, views=True)
+        try:
+            return self.add_chunks(name, cutter.cut(stream), entry_type=entry_type,
+                                   progress=progress, observe=observe, **attrs)
+        finally:
+            self.followed_bytes += cutter.followed_bytes
 
     def add_chunks(self, name: str, chunks: Iterable[Chunk | KnownChunk], *,
                    entry_type: str = "stream", progress: Progress | None = None,
