@@ -230,7 +230,9 @@ class SnapshotWriter:
 
         ``observe(data, blob_id)`` sees every chunk in stream order, with its
         id (the dump scanner maps pg_dump's archive this way, without a second
-        pass, and skips chunks it knows). ``fixed`` cuts at every
+        pass, and skips chunks it knows). ``data`` may be a memoryview into
+        the cutter's read block: copy what is kept, since a view kept keeps
+        its whole block from being reused. ``fixed`` cuts at every
         ``avg_chunk`` bytes instead of content-defined boundaries: for files
         changed in place (PostgreSQL's 8 KiB pages never shift), where
         content-defined cutting finds nothing more and costs a pass over
