@@ -34,6 +34,7 @@ checks every block header it fetches against the map.
 from __future__ import annotations
 
 import bisect
+import ctypes
 from array import array
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -55,11 +56,9 @@ BLOCK_TYPES = {"TABLE DATA": BLK_DATA, "BLOBS": BLK_BLOBS}  # by TOC entry desc
 TOC_LIMIT = 256 * 1024 * 1024  # a table of contents larger than this is not mapped
 
 
-def _libc_memmem() -> Callable[[bytes, int, bytes, int], int | None] | None:
+def _libc_memmem() -> Callable[[bytes | int, int, bytes, int], int | None] | None:
     """glibc's memmem, which releases the GIL (ctypes calls do) and is faster than find."""
     try:
-        import ctypes
-
         fn = ctypes.CDLL(None).memmem
     except (AttributeError, OSError):
         return None
@@ -77,19 +76,13 @@ def _holds(data: bytes | memoryview, needle: bytes) -> bool:
     A writable view (a chunk inside the writer's read block) is searched in
     place; a read-only one is copied first (ctypes cannot point into it).
     """
-    if isinstance(data, memoryview) and (data.readonly or _MEMMEM is None or not data.nbytes):
-        data = bytes(data)
-    if _MEMMEM is None:
-        return cast(bytes, data).find(needle) >= 0
-    if isinstance(data, bytes):
-        return _MEMMEM(data, len(data), needle, len(needle)) is not None
-    import ctypes
-
-    pinned = ctypes.c_char.from_buffer(data)  # holds the view exported for the call
-    try:
+    if _MEMMEM is not None and isinstance(data, memoryview) and not data.readonly and data.nbytes:
+        pinned = ctypes.c_char.from_buffer(data)  # keeps the view exported during the call
         return _MEMMEM(ctypes.addressof(pinned), data.nbytes, needle, len(needle)) is not None
-    finally:
-        del pinned
+    data = bytes(data)  # a bytes object is returned as it is, not copied
+    if _MEMMEM is None:
+        return data.find(needle) >= 0
+    return _MEMMEM(data, len(data), needle, len(needle)) is not None
 
 
 class Unsupported(Exception):
