@@ -222,3 +222,47 @@ def test_a_kloset_compresses_at_the_level_its_config_records(tmp_path) -> None:
     assert stored["default"][0] == KlosetConfig.zstd_level == 2
     assert stored["level19"][0] == 19
     assert stored["level19"][1] < stored["default"][1] * 0.97
+
+
+
+@pytest.mark.parametrize("batched", [True, False], ids=["batch-call", "one-call-per-chunk"])
+def test_new_chunks_compressed_in_a_batch_are_stored_as_one_by_one(tmp_path, monkeypatch,
+                                                                   batched: bool) -> None:
+    """The writer compresses a batch's new chunks in one zstd call (one call per
+    chunk where zstandard lacks it); either way a stored blob must be exactly
+    what compressing its chunk alone gives, kept raw where that does not shrink."""
+    import zstandard
+
+    from pgkloset_core.kloset import writer as writer_mod
+    from pgkloset_core.kloset.crypto import NONCE_LEN, aead_decrypt
+    from pgkloset_core.kloset.pack import blob_aad, pack_name
+    from pgkloset_core.kloset.sealed import CODEC_RAW, CODEC_ZSTD
+
+    monkeypatch.setattr(writer_mod, "_MULTI_COMPRESS", batched)
+    rng = random.Random(11)
+    words = [bytes(rng.choices(b"abcdefghij", k=rng.randint(2, 8))) for _ in range(300)]
+    text = b"\n".join(b" ".join(rng.choices(words, k=10)) for _ in range(60_000))
+    data = text[: 2 * MiB] + seeded_bytes(12, 3 * MiB) + text  # 2 MiB of text twice
+    url = str(tmp_path / "k")
+    Kloset.init(open_backend(url), PASSPHRASE, kdf=CHEAP_KDF)
+    kloset = Kloset.open(open_backend(url), PASSPHRASE)
+    writer = kloset.writer(kind="test")
+    writer.add_bytes("mixed", data)
+    snap = writer.commit()
+    assert b"".join(kloset.read_entry(snap, snap.entry("mixed"))) == data
+    assert snap.summary["new_blobs"] < snap.summary["chunks"]  # the repeat was not sealed again
+
+    alone = zstandard.ZstdCompressor(level=kloset.config.zstd_level)
+    codecs = {CODEC_RAW: 0, CODEC_ZSTD: 0}
+    for blob_id, loc in kloset.load_index().items():
+        stored = kloset.backend.read_range(pack_name(loc.pack_id), loc.offset, loc.length)
+        payload = aead_decrypt(kloset.master.pack_key(loc.salt), stored[:NONCE_LEN],
+                               stored[NONCE_LEN:], blob_aad(loc.blob_type, blob_id))
+        raw = kloset.read_blob(blob_id)
+        frame = alone.compress(raw)
+        if len(frame) < len(raw):
+            assert payload == bytes([CODEC_ZSTD]) + frame
+        else:
+            assert payload == bytes([CODEC_RAW]) + raw
+        codecs[payload[0]] += 1
+    assert codecs[CODEC_RAW] >= 10 and codecs[CODEC_ZSTD] >= 10  # 3 MiB of noise, ~7 MiB of text

@@ -55,10 +55,15 @@ def blob_aad(blob_type: int, blob_id: bytes) -> bytes:
 def seal_blob(key: bytes, nonce: bytes, blob_type: int, blob_id: bytes, data: bytes | memoryview,
               compressor: zstandard.ZstdCompressor | None) -> bytes:
     """Compress (only when it shrinks) and encrypt one blob."""
-    payload: bytes
-    if compressor is not None:
-        packed = compressor.compress(data)
-        payload = bytes([CODEC_ZSTD]) + packed if len(packed) < len(data) else bytes([CODEC_RAW]) + bytes(data)
+    frame = compressor.compress(data) if compressor is not None else None
+    return seal_frame(key, nonce, blob_type, blob_id, data, frame)
+
+
+def seal_frame(key: bytes, nonce: bytes, blob_type: int, blob_id: bytes, data: bytes | memoryview,
+               frame: bytes | memoryview | None) -> bytes:
+    """Encrypt one blob given its zstd frame (made in a batch), kept only when it shrinks."""
+    if frame is not None and len(frame) < len(data):
+        payload = bytes([CODEC_ZSTD]) + frame
     else:
         payload = bytes([CODEC_RAW]) + bytes(data)
     return nonce + aead_encrypt(key, nonce, payload, blob_aad(blob_type, blob_id))

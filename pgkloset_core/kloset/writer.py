@@ -36,7 +36,7 @@ from pgkloset_core.kloset.crypto import SALT_LEN, NonceCounter, content_hash
 from pgkloset_core.kloset.cutter import Cutter, HashedChunk, PreviousCuts
 from pgkloset_core.kloset.index import BLOB_DATA, BLOB_LIST, PackRecord, encode_delta
 from pgkloset_core.kloset.locks import Lock
-from pgkloset_core.kloset.pack import FinishedPack, PackBuilder, pack_name, seal_blob
+from pgkloset_core.kloset.pack import FinishedPack, PackBuilder, pack_name, seal_blob, seal_frame
 from pgkloset_core.kloset.repository import INDEX_PREFIX, Kloset
 from pgkloset_core.kloset.sealed import KIND_INDEX, seal
 from pgkloset_core.kloset.snapshot import (
@@ -52,6 +52,7 @@ from pgkloset_core.storage.base import metadata_writes
 PACKS_PER_DELTA = 64
 BATCH_BYTES = 1024 * 1024  # chunk bytes per worker task (a hashed chunk counts half)
 Prepared = tuple[bytes, int, bytes | None]  # blob id, length, sealed blob (None: known)
+_MULTI_COMPRESS = hasattr(zstandard.ZstdCompressor, "multi_compress_to_buffer")
 Chunk = bytes | memoryview | HashedChunk
 Observer = Callable[[bytes | memoryview, bytes], None]  # (chunk data, blob id), in stream order
 Progress = Callable[[int], None]
@@ -90,6 +91,10 @@ class _BlobSink:
     def seal(self, blob_type: int, blob_id: bytes, data: bytes | memoryview,
              compressor: zstandard.ZstdCompressor | None) -> bytes:
         return seal_blob(self.key, self.nonces.next(), blob_type, blob_id, data, compressor)
+
+    def seal_frame(self, blob_type: int, blob_id: bytes, data: bytes | memoryview,
+                   frame: bytes | memoryview) -> bytes:
+        return seal_frame(self.key, self.nonces.next(), blob_type, blob_id, data, frame)
 
     def add(self, blob_id: bytes, blob_type: int, sealed: bytes, raw_length: int) -> None:
         if blob_id in self.seen:
@@ -202,16 +207,6 @@ class SnapshotWriter:
             comp = self._local.zstd = zstandard.ZstdCompressor(level=self.kloset.config.zstd_level)
         return comp
 
-    def _prepare(self, chunk: Chunk) -> Prepared:
-        """Hash; seal only blobs the kloset does not hold yet (runs in a worker)."""
-        if isinstance(chunk, HashedChunk):
-            data, blob_id = chunk
-        else:
-            data, blob_id = chunk, self.kloset.master.chunk_id(chunk)
-        if blob_id in self.sink.seen or self.index.lookup(blob_id) is not None:
-            return blob_id, len(data), None
-        return blob_id, len(data), self.sink.seal(BLOB_DATA, blob_id, data, self._compressor())
-
     def _consume(self, result: Prepared, refs: _RefList) -> None:
         blob_id, length, sealed = result
         if sealed is not None:  # sink.add drops a twin sealed meanwhile by another worker
@@ -316,7 +311,40 @@ class SnapshotWriter:
         return entry
 
     def _prepare_batch(self, batch: list[Chunk]) -> list[Prepared]:
-        return [self._prepare(chunk) for chunk in batch]
+        """Hash each chunk; seal only those the kloset does not hold yet (runs in a worker).
+
+        The new chunks of a batch are compressed in one call: one release of
+        the GIL per batch instead of one per chunk. On two cores shared with
+        pg_dump and the server, each hand-off of the GIL between threads was a
+        futex wake-up, and those cost a first backup about a CPU-second.
+        """
+        master, seen, index = self.kloset.master, self.sink.seen, self.index
+        prepared: list[Prepared] = []
+        new: list[int] = []  # where the new chunks are in the batch
+        datas: list[bytes | memoryview] = []  # and their bytes
+        for chunk in batch:
+            if isinstance(chunk, HashedChunk):
+                data, blob_id = chunk
+            else:
+                data, blob_id = chunk, master.chunk_id(chunk)
+            if blob_id not in seen and index.lookup(blob_id) is None:
+                new.append(len(prepared))
+                datas.append(data)
+            prepared.append((blob_id, len(data), None))
+        if new:
+            for i, data, frame in zip(new, datas, self._compress_all(datas), strict=True):
+                blob_id, length, _ = prepared[i]
+                prepared[i] = (blob_id, length,
+                               self.sink.seal_frame(BLOB_DATA, blob_id, data, frame))
+        return prepared
+
+    def _compress_all(self, datas: list[bytes | memoryview]) -> list[memoryview] | list[bytes]:
+        """One zstd frame per input, the same bytes ``compress`` makes."""
+        comp = self._compressor()
+        if not _MULTI_COMPRESS:  # zstandard's cffi backend has no batch call
+            return [comp.compress(d) for d in datas]
+        frames = comp.multi_compress_to_buffer(datas, threads=0)
+        return [memoryview(frames[i]) for i in range(len(datas))]
 
     def _take(self, item: _Pending | KnownChunk,
               refs: _RefList, observe: Observer | None) -> None:
