@@ -59,6 +59,11 @@ class Measurement:
     procs: list[ProcStat]
     extra: dict[str, Any] = field(default_factory=dict)
     stdout: str = ""
+    # The whole host's CPU over the run (/proc/stat, every core): busy is what
+    # every process used (the server's backends included), steal what the
+    # hypervisor gave to other guests while this one wanted to run.
+    host_busy_s: float = 0.0
+    host_steal_s: float = 0.0
 
     def rss_of(self, name: str) -> float:
         return max((p.maxrss_mib for p in self.procs if p.name == name), default=0.0)
@@ -71,7 +76,35 @@ class Measurement:
         doc["peak_rss_mib"] = round(self.peak_rss_mib, 1)
         doc["load_before"] = [round(x, 2) for x in self.load_before]
         doc["load_after"] = [round(x, 2) for x in self.load_after]
+        doc["host_busy_s"] = round(self.host_busy_s, 2)
+        doc["host_steal_s"] = round(self.host_steal_s, 2)
         return doc
+
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_floor(host_busy_s: float, limit_wall_s: float, cores: int | None = None) -> float:
+    """The lowest wall-time ratio to the limit the run's CPU allowed.
+
+    ``host_busy_s`` of work, spread perfectly over every core, takes
+    ``host_busy_s / cores`` seconds; a run whose ratio sits at this floor was
+    bound by the host's CPU (pgkloset's own, pg_dump's and the server's all
+    together), not by waiting in its pipeline.
+    """
+    n = cores or os.cpu_count() or 1
+    return host_busy_s / n / limit_wall_s if limit_wall_s > 0 else 0.0
+
+
+def host_cpu() -> tuple[float, float]:
+    """(busy, steal) CPU-seconds of every core since boot, from /proc/stat."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return 0.0, 0.0
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    return (user + nice + system + irq + softirq) / _TICK, steal / _TICK
 
 
 def _rchar(pid: int) -> int:
@@ -130,6 +163,7 @@ def run(label: str, stages: Sequence[Stage], *, stdin_path: str | None = None,
     else:
         out_target = subprocess.DEVNULL
     load_before = list(os.getloadavg())
+    busy_before, steal_before = host_cpu()
     started = time.perf_counter()
     try:
         prev: Any = stdin_file if stdin_file is not None else subprocess.DEVNULL
@@ -146,6 +180,7 @@ def run(label: str, stages: Sequence[Stage], *, stdin_path: str | None = None,
         out = procs[-1].stdout.read() if capture and procs[-1].stdout else b""
         stats = [_reap(p, s.name, f) for p, s, f in zip(procs, stages, rss_files, strict=True)]
         wall = time.perf_counter() - started
+        busy_after, steal_after = host_cpu()
     except BaseException:
         for p in procs:
             if p.returncode is None:
@@ -171,7 +206,8 @@ def run(label: str, stages: Sequence[Stage], *, stdin_path: str | None = None,
     return Measurement(
         label=label, wall_s=wall, cpu_s=sum(s.user_s + s.sys_s for s in stats),
         peak_rss_mib=max(s.maxrss_mib for s in stats), load_before=load_before,
-        load_after=load_after, procs=stats, stdout=out.decode("utf-8", "replace"))
+        load_after=load_after, procs=stats, stdout=out.decode("utf-8", "replace"),
+        host_busy_s=busy_after - busy_before, host_steal_s=steal_after - steal_before)
 
 
 def tree_bytes(path: str | os.PathLike[str]) -> int:

@@ -72,6 +72,11 @@ def summarize(doc: dict[str, Any]) -> dict[str, Any]:
             rows.append({"section": "logical", "metric": f"wall, {len(paired)} pairs (median "
                          "of ratios)", "vs": "pg_dump", "pgkloset": mine, "other": theirs,
                          "unit": "s", "ratio": median(_paired_ratios(logical))})
+            floors = [float(p["cpu_floor"]) for p in paired if "cpu_floor" in p]
+            if floors:  # the host's CPU over each pgkloset run, spread over every core
+                rows.append({"section": "logical", "metric": f"CPU floor, {len(floors)} pairs (median)", "vs": "pg_dump",
+                             "pgkloset": None, "other": None, "unit": "s",
+                             "ratio": median(floors)})
             alt = [p for p in paired if "alt_wall_s" in p]
             if alt:  # --pair-env: the same pairs' third run, with a setting changed
                 rows.append({"section": "logical", "metric": f"wall, {len(alt)} pairs with "
@@ -153,6 +158,14 @@ def _paired_ratios(logical: list[dict[str, Any]]) -> list[float]:
     return [float(p["ratio"]) for d in logical for p in d.get("pairs", [])]
 
 
+def _floor_note(logical: list[dict[str, Any]]) -> str:
+    """What the pairs' CPU allowed: the host's busy CPU-seconds over the cores."""
+    floors = [float(p["cpu_floor"]) for d in logical for p in d.get("pairs", []) if "cpu_floor" in p]
+    if not floors:
+        return ""
+    return f"CPU floor (every process's CPU / cores) median {median(floors):.2f}; "
+
+
 def _verdict(name: str, measured: float | None, limit: float, detail: str,
              lower_is_better: bool = True) -> dict[str, Any]:
     if measured is None:
@@ -177,7 +190,7 @@ def _targets(doc: dict[str, Any], logical: list[dict[str, Any]],
         out.append(_verdict("logical backup wall <= 1.10 x pg_dump", median(paired),
                             LOGICAL_WALL_MAX, f"median of {len(paired)} back-to-back pairs "
                             f"(mean {mean(paired):.2f}, {min(paired):.2f}-{max(paired):.2f}); "
-                            + daily))
+                            + _floor_note(logical) + daily))
     else:
         out.append(_verdict("logical backup wall <= 1.10 x pg_dump", _mean(ratios),
                             LOGICAL_WALL_MAX, daily))
@@ -284,12 +297,14 @@ def markdown(doc: dict[str, Any]) -> str:
     if pairs:
         lines += ["", "#### logical: back-to-back pairs (wall s)", ""]
         alt = next((p["alt_env"] for _, p in pairs if "alt_env" in p), None)
-        head = ["day", "first", "pg_dump", "pgkloset", "ratio"]
+        floor = any("cpu_floor" in p for _, p in pairs)
+        head = ["day", "first", "pg_dump", "pgkloset", "ratio"] + (["CPU floor"] if floor else [])
         if alt:
             head += [f"with {alt}", "its ratio"]
         lines += _md_table(head, [
             [str(day), p["order"][0], f"{p['pg_dump_wall_s']:.2f}",
              f"{p['pgkloset_wall_s']:.2f}", f"{p['ratio']:.3f}"]
+            + ([_fmt(p.get("cpu_floor"), 3)] if floor else [])
             + ([f"{p['alt_wall_s']:.2f}", f"{p['alt_ratio']:.3f}"] if alt else [])
             for day, p in pairs])
     return "\n".join(lines)

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import report, tools
-from bench.measure import BenchError
+from bench.measure import BenchError, cpu_floor
 from bench.sweep import FULL_POINTS, PHYSICAL_POINTS, QUICK_POINTS, Sweep
 from bench.workload import ONE_TABLES, BenchCluster, WorkloadSpec
 from pgkloset_core.errors import KlosetError
@@ -276,6 +276,7 @@ class Bench:
                 k = (day + i) % len(names)
                 order = names[k:] + names[:k]
                 walls: dict[str, float] = {}
+                busy: dict[str, float] = {}
                 for name in order:
                     label = f"pair {i + 1} {name} day {day}"
                     if name == "pg_dump":
@@ -290,12 +291,18 @@ class Bench:
                             shutil.rmtree(copy, ignore_errors=True)
                         self.note_rss(res)
                     walls[name] = res.measurement.wall_s
+                    busy[name] = res.measurement.host_busy_s
                 ratio = walls["pgkloset"] / walls["pg_dump"]
+                floor = cpu_floor(busy["pgkloset"], walls["pg_dump"])
                 pair: dict[str, Any] = {"order": order, "pg_dump_wall_s": walls["pg_dump"],
                                         "pgkloset_wall_s": walls["pgkloset"],
-                                        "ratio": round(ratio, 4)}
+                                        "ratio": round(ratio, 4),
+                                        "pg_dump_host_busy_s": round(busy["pg_dump"], 2),
+                                        "pgkloset_host_busy_s": round(busy["pgkloset"], 2),
+                                        "cpu_floor": round(floor, 4)}
                 line = (f"  pair {i + 1} ({' then '.join(order)}): pg_dump {walls['pg_dump']:.2f}s "
-                        f"pgkloset {walls['pgkloset']:.2f}s ratio {ratio:.3f}")
+                        f"pgkloset {walls['pgkloset']:.2f}s ratio {ratio:.3f} "
+                        f"(CPU floor {floor:.3f})")
                 if alt:
                     pair.update(alt_env=self.args.pair_env, alt_wall_s=walls["alt"],
                                 alt_ratio=round(walls["alt"] / walls["pg_dump"], 4))
