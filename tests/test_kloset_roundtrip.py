@@ -266,3 +266,64 @@ def test_new_chunks_compressed_in_a_batch_are_stored_as_one_by_one(tmp_path, mon
             assert payload == bytes([CODEC_RAW]) + raw
         codecs[payload[0]] += 1
     assert codecs[CODEC_RAW] >= 10 and codecs[CODEC_ZSTD] >= 10  # 3 MiB of noise, ~7 MiB of text
+
+
+class _CountingReads:
+    """The real backend, with every ranged read recorded (name, offset, length)."""
+
+    def __init__(self, inner) -> None:
+        self._inner = inner
+        self.ranges: list[tuple[str, int, int]] = []
+
+    def read_range(self, name: str, offset: int, length: int) -> bytes:
+        self.ranges.append((name, offset, length))
+        return self._inner.read_range(name, offset, length)
+
+    def __getattr__(self, name: str):
+        return getattr(self._inner, name)
+
+
+def test_reading_back_fetches_each_packs_run_of_chunks_in_one_request(tmp_path) -> None:
+    """A stream's new chunks lie side by side in its packs: reading it back takes
+    one request per run, never a byte between or beyond the chunks it needs, and
+    repeats (a chunk seen earlier, the same chunk twice in a row) still read right."""
+    from pgkloset_core.errors import CorruptObject
+    from pgkloset_core.kloset.pack import pack_name
+    from pgkloset_core.kloset.snapshot import iter_refs
+
+    noise = seeded_bytes(21, 6 * MiB)
+    data = noise + bytes(3 * MiB) + noise[: 2 * MiB] + seeded_bytes(22, 2 * MiB)
+    url = str(tmp_path / "k")
+    Kloset.init(open_backend(url), PASSPHRASE, kdf=CHEAP_KDF)
+    writer = Kloset.open(open_backend(url), PASSPHRASE).writer(kind="test")
+    writer.add_bytes("runs", data)
+    snap = writer.commit()
+
+    counting = _CountingReads(open_backend(url))
+    kloset = Kloset.open(counting, PASSPHRASE)
+    entry = snap.entry("runs")
+    refs = list(iter_refs(entry.inline)) if entry.inline else [
+        ref for lst in entry.lists for ref in iter_refs(kloset.read_blob(bytes.fromhex(lst)))]
+    index = kloset.load_index()
+    counting.ranges.clear()
+    assert b"".join(kloset.read_entry(snap, entry)) == data
+    pack_reads = [r for r in counting.ranges if r[0].startswith("data/")]
+    assert len(refs) > 150
+    assert len(pack_reads) < len(refs) / 4, (len(pack_reads), len(refs))
+    # Exactly the chunks' stored bytes (each as often as the stream names it)
+    # and its chunk lists', nothing between or beyond them.
+    lists = sum(index.lookup(bytes.fromhex(lst)).length for lst in entry.lists)
+    assert sum(r[2] for r in pack_reads) == lists + sum(index.lookup(b).length for b, _ in refs)
+
+    # One flipped byte inside a run: every chunk before it comes out, then the error.
+    loc = index.lookup(refs[40][0])
+    path = tmp_path / "k" / pack_name(loc.pack_id)
+    raw = bytearray(path.read_bytes())
+    raw[loc.offset + loc.length // 2] ^= 0x01
+    path.chmod(0o600)
+    path.write_bytes(raw)
+    got = bytearray()
+    with pytest.raises(CorruptObject):
+        for chunk in Kloset.open(open_backend(url), PASSPHRASE).read_entry(snap, entry):
+            got += chunk
+    assert bytes(got) == data[: sum(length for _, length in refs[:40])]

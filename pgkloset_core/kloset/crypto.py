@@ -81,7 +81,7 @@ def aead_encrypt(key: bytes, nonce: bytes, plaintext: bytes | memoryview, aad: b
     return _aesgcm(key).encrypt(nonce, plaintext, aad)
 
 
-def aead_decrypt(key: bytes, nonce: bytes, ciphertext: bytes | memoryview, aad: bytes) -> bytes:
+def aead_decrypt(key: bytes, nonce: bytes | memoryview, ciphertext: bytes | memoryview, aad: bytes) -> bytes:
     if len(nonce) != NONCE_LEN:  # only ever from damaged input; AESGCM would raise ValueError
         raise DecryptionFailed("authentication failed (bad nonce length)")
     try:

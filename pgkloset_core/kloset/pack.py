@@ -69,11 +69,12 @@ def seal_frame(key: bytes, nonce: bytes, blob_type: int, blob_id: bytes, data: b
     return nonce + aead_encrypt(key, nonce, payload, blob_aad(blob_type, blob_id))
 
 
-def open_blob(master: MasterKey, salt: bytes, blob_type: int, blob_id: bytes, stored: bytes,
-              where: str) -> bytes:
+def open_blob(master: MasterKey, salt: bytes, blob_type: int, blob_id: bytes,
+              stored: bytes | memoryview, where: str) -> bytes:
     """Decrypt, decompress and re-hash one blob; never return wrong bytes."""
     if len(stored) < NONCE_LEN + TAG_LEN + 1:
         raise CorruptObject(where, f"blob {blob_id.hex()[:16]} truncated")
+    stored = memoryview(stored)  # slices below without a copy
     try:
         payload = aead_decrypt(master.pack_key(salt), stored[:NONCE_LEN], stored[NONCE_LEN:],
                                blob_aad(blob_type, blob_id))

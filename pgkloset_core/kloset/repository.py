@@ -358,6 +358,47 @@ class Kloset:
         stored = self.backend.read_range(name, loc.offset, loc.length)
         return open_blob(self.master, loc.salt, loc.blob_type, blob_id, stored, name)
 
+    def read_blobs(self, blob_ids: Sequence[bytes]) -> tuple[list[bytes], KlosetError | None]:
+        """Several blobs in order, those stored side by side in a pack in one read.
+
+        A backup writes a stream's new chunks one after the other, so reading
+        it back takes long runs of each pack: one request per run instead of
+        one per chunk (fewer system calls here, fewer GETs on S3). Stops at
+        the first blob that cannot be read and returns the ones before it
+        with the error, so a reader still hands out everything before a
+        damaged chunk.
+        """
+        index = self.load_index()
+        out: list[bytes] = []
+        try:
+            locs = []
+            for blob_id in blob_ids:
+                loc = index.lookup(blob_id)
+                if loc is None:  # checked before any read: the blobs before it still come out
+                    break
+                locs.append(loc)
+            i = 0
+            while i < len(locs):
+                first = locs[i]
+                end, j = first.offset + first.length, i + 1
+                while j < len(locs) and locs[j].pack_id == first.pack_id and locs[j].offset == end:
+                    end += locs[j].length
+                    j += 1
+                name = pack_name(first.pack_id)
+                run = memoryview(self.backend.read_range(name, first.offset, end - first.offset))
+                for k in range(i, j):
+                    loc = locs[k]
+                    start = loc.offset - first.offset
+                    out.append(open_blob(self.master, loc.salt, loc.blob_type, blob_ids[k],
+                                         run[start:start + loc.length], name))
+                i = j
+            if len(locs) < len(blob_ids):
+                missing = blob_ids[len(locs)].hex()[:16]
+                raise CorruptObject(f"blob {missing}", "not in the index (missing data)")
+        except KlosetError as exc:
+            return out, exc
+        return out, None
+
     def read_entry(self, snapshot: Snapshot, entry: Entry,
                    ranges: Sequence[tuple[int, int]] | None = None) -> Iterator[bytes]:
         """The entry's bytes; with ``ranges``, only those (start, end) byte ranges."""

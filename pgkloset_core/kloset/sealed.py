@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import threading
 from typing import Any
 
 import zstandard
@@ -45,6 +46,17 @@ def compress(data: bytes, level: int = 3) -> bytes:
     return bytes([CODEC_RAW]) + data
 
 
+_local = threading.local()
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
+    """One per thread: a restore decompresses every chunk, and a new one costs a context."""
+    dctx = getattr(_local, "dctx", None)
+    if dctx is None:
+        dctx = _local.dctx = zstandard.ZstdDecompressor()
+    return dctx
+
+
 def decompress(data: bytes, name: str, max_size: int = 1 << 31) -> bytes:
     if not data:
         raise CorruptObject(name, "empty payload")
@@ -53,7 +65,7 @@ def decompress(data: bytes, name: str, max_size: int = 1 << 31) -> bytes:
         return data[1:]
     if codec == CODEC_ZSTD:
         try:
-            return zstandard.ZstdDecompressor().decompress(data[1:], max_output_size=max_size)
+            return _decompressor().decompress(memoryview(data)[1:], max_output_size=max_size)
         except zstandard.ZstdError as exc:
             raise CorruptObject(name, f"cannot decompress: {exc}") from None
     raise CorruptObject(name, f"unknown codec {codec}")
