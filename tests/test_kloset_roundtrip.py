@@ -327,3 +327,42 @@ def test_reading_back_fetches_each_packs_run_of_chunks_in_one_request(tmp_path) 
         for chunk in Kloset.open(open_backend(url), PASSPHRASE).read_entry(snap, entry):
             got += chunk
     assert bytes(got) == data[: sum(length for _, length in refs[:40])]
+
+
+def test_many_entries_read_through_one_pipeline_in_order_with_sizes_checked(tmp_path) -> None:
+    """A physical restore reads a thousand-odd files through one pipeline: every
+    chunk comes back tagged with its entry, empty entries included, and an
+    entry whose chunks do not add up to its size is an error naming it."""
+    import dataclasses
+
+    from pgkloset_core.errors import CorruptObject
+    from pgkloset_core.kloset.reader import iter_entries
+
+    rng = random.Random(3)
+    contents = {f"f{i:03d}": seeded_bytes(100 + i, rng.choice([0, 0, 1, 300, 9000, 200_000, 700_000]))
+                for i in range(120)}
+    url = str(tmp_path / "k")
+    Kloset.init(open_backend(url), PASSPHRASE, kdf=CHEAP_KDF)
+    kloset = Kloset.open(open_backend(url), PASSPHRASE)
+    writer = kloset.writer(kind="test")
+    for name, data in contents.items():
+        writer.add_bytes(name, data)
+    snap = writer.commit()
+    entries = [snap.entry(name) for name in contents]
+    assert sum(1 for d in contents.values() if not d) >= 10
+
+    got: dict[int, bytearray] = {}
+    last = -1
+    for index, chunk in iter_entries(kloset, snap, entries):
+        assert index >= last  # in order, never back
+        last = index
+        got.setdefault(index, bytearray()).extend(chunk)
+    assert {entries[i].name: bytes(b) for i, b in got.items()} == {
+        name: data for name, data in contents.items() if data}
+
+    for victim in (5, len(entries) - 1):  # one in the middle, the last one
+        wrong = list(entries)
+        wrong[victim] = dataclasses.replace(entries[victim], size=entries[victim].size + 1)
+        with pytest.raises(CorruptObject, match=wrong[victim].name):
+            for _ in iter_entries(kloset, snap, wrong):
+                pass

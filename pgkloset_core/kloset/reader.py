@@ -12,7 +12,7 @@ import itertools
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from pgkloset_core.errors import CorruptObject, KlosetError
 from pgkloset_core.kloset.snapshot import CHUNK_REF, Entry, Snapshot, iter_refs
@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 READ_AHEAD = 8  # batches in flight; half as many reader threads
 BATCH_BYTES = 512 * 1024
 Parts = tuple[slice, ...] | None  # the parts of a chunk to yield; None: all of it
+Tag = TypeVar("Tag")  # what a chunk's reader needs back with it (its parts, its entry)
 
 
 def iter_refs_of(kloset: Kloset, snapshot: Snapshot, entry: Entry) -> Iterator[tuple[bytes, int]]:
@@ -63,16 +64,68 @@ def iter_entry(kloset: Kloset, snapshot: Snapshot, entry: Entry, *,
 
     With ``ranges`` (sorted, disjoint ``(start, end)`` byte offsets) only the
     chunks overlapping them are fetched, and only those bytes are yielded.
-    Chunks go to the readers in batches of about BATCH_BYTES: one task per
-    64 KiB chunk cost more in thread hand-offs than decrypting it.
     """
     where = f"snapshot {snapshot.short_id} entry {entry.name}"
     wanted = _checked_ranges(ranges, entry.size) if ranges is not None else None
     total = 0
+    refs = _pick(iter_refs_of(kloset, snapshot, entry), wanted)
+    for data, part in _fetch(kloset, refs, read_ahead, where):
+        if part is None:
+            total += len(data)
+            yield data
+        else:
+            piece = data[part[0]] if len(part) == 1 else b"".join(data[p] for p in part)
+            total += len(piece)
+            yield piece
+    if wanted is None and total != entry.size:
+        raise CorruptObject(where, f"{total} bytes, expected {entry.size}")
+    if wanted is not None and total != sum(end - start for start, end in wanted):
+        raise CorruptObject(where, f"chunk list ends before byte {wanted[-1][1]}")
+
+
+def iter_entries(kloset: Kloset, snapshot: Snapshot, entries: Sequence[Entry], *,
+                 read_ahead: int = READ_AHEAD) -> Iterator[tuple[int, bytes]]:
+    """Every chunk of several entries in order, as (index into ``entries``, bytes).
+
+    One pipeline across them: a data directory has over a thousand files,
+    most of them small, and reading them one by one drained the readers at
+    every file's end. Each entry's size is checked once its last chunk is out.
+    """
+    def refs() -> Iterator[tuple[bytes, int, int]]:
+        for i, entry in enumerate(entries):
+            for blob_id, length in iter_refs_of(kloset, snapshot, entry):
+                yield blob_id, length, i
+
+    current, total = 0, 0
+
+    def check_upto(index: int) -> None:
+        nonlocal current, total
+        while current < index:
+            entry = entries[current]
+            if total != entry.size:
+                raise CorruptObject(f"snapshot {snapshot.short_id} entry {entry.name}",
+                                    f"{total} bytes, expected {entry.size}")
+            current, total = current + 1, 0
+
+    for data, index in _fetch(kloset, refs(), read_ahead, f"snapshot {snapshot.short_id}"):
+        check_upto(index)
+        total += len(data)
+        yield index, data
+    check_upto(len(entries))
+
+
+def _fetch(kloset: Kloset, refs: Iterator[tuple[bytes, int, Tag]], read_ahead: int,
+           where: str) -> Iterator[tuple[bytes, Tag]]:
+    """Each ref's chunk with its tag, in order, fetched ahead by a small thread pool.
+
+    Chunks go to the readers in batches of about BATCH_BYTES: one task per
+    64 KiB chunk cost more in thread hand-offs than decrypting it. A chunk
+    that cannot be read raises, after every chunk before it.
+    """
     with ThreadPoolExecutor(max_workers=max(1, read_ahead // 2), thread_name_prefix="pgkloset-read") as pool:
         window: deque[tuple[Future[tuple[list[bytes], KlosetError | None]],
-                            list[tuple[bytes, int, Parts]]]] = deque()
-        batches = _batched(_pick(iter_refs_of(kloset, snapshot, entry), wanted))
+                            list[tuple[bytes, int, Tag]]]] = deque()
+        batches = _batched(refs)
         try:
             while True:
                 while len(window) < read_ahead:
@@ -84,30 +137,20 @@ def iter_entry(kloset: Kloset, snapshot: Snapshot, entry: Entry, *,
                     break
                 fut, batch = window.popleft()
                 blobs, error = fut.result()
-                for data, (_, length, part) in zip(blobs, batch, strict=False):
+                for data, (_, length, tag) in zip(blobs, batch, strict=False):
                     if len(data) != length:
                         raise CorruptObject(where, f"chunk of {len(data)} bytes, expected {length}")
-                    if part is None:
-                        total += length
-                        yield data
-                    else:
-                        piece = data[part[0]] if len(part) == 1 else b"".join(data[p] for p in part)
-                        total += len(piece)
-                        yield piece
-                if error is not None:  # after every good chunk before it
+                    yield data, tag
+                if error is not None:
                     raise error
         finally:
             for fut, _ in window:
                 fut.cancel()
-    if wanted is None and total != entry.size:
-        raise CorruptObject(where, f"{total} bytes, expected {entry.size}")
-    if wanted is not None and total != sum(end - start for start, end in wanted):
-        raise CorruptObject(where, f"chunk list ends before byte {wanted[-1][1]}")
 
 
-def _batched(refs: Iterator[tuple[bytes, int, Parts]]) -> Iterator[list[tuple[bytes, int, Parts]]]:
+def _batched(refs: Iterator[tuple[bytes, int, Tag]]) -> Iterator[list[tuple[bytes, int, Tag]]]:
     """Consecutive chunks in lists of about BATCH_BYTES (one read task each)."""
-    batch: list[tuple[bytes, int, Parts]] = []
+    batch: list[tuple[bytes, int, Tag]] = []
     size = 0
     for ref in refs:
         batch.append(ref)

@@ -27,7 +27,7 @@ import subprocess
 import tarfile
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +36,7 @@ from typing import Any
 import psycopg
 
 from pgkloset_core.errors import KlosetError, UsageError
+from pgkloset_core.kloset.reader import iter_entries
 from pgkloset_core.kloset.repository import Kloset, ready
 from pgkloset_core.kloset.snapshot import Entry, Snapshot
 from pgkloset_core.postgres.binaries import NoSuitableBinaries, PgBinaries, find_binaries
@@ -582,22 +583,50 @@ class _Extractor:
             os.symlink(entry.target or "", path)
             self._chown(path, follow=False)
         elif entry.type in ("file", "stream"):
-            mode = (entry.mode if entry.mode is not None else 0o600) & 0o777
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                for data in self.kloset.read_entry(self.snap, entry):
-                    f.write(data)
-                    self.bytes_written += len(data)
-                    if self.progress:
-                        self.progress(len(data))
-                os.fchmod(f.fileno(), mode)
-                if self.owner is not None:
-                    os.fchown(f.fileno(), *self.owner)
-            if entry.mtime is not None:
-                os.utime(path, (entry.mtime, entry.mtime))
-            self.files += 1
+            self.write_all([entry])
         else:
             raise PhysicalRestoreError(f"entry {entry.name!r} has unknown type {entry.type!r}")
+
+    def write_all(self, entries: Sequence[Entry]) -> None:
+        """Every entry in snapshot order (a directory before what it holds).
+
+        The files' bytes come through one read pipeline (kloset/reader.py),
+        so the readers do not drain at the end of each of a data directory's
+        thousand-odd files.
+        """
+        files = [e for e in entries if e.type in ("file", "stream")]
+        with contextlib.closing(iter_entries(self.kloset, self.snap, files)) as chunks:
+            pending = next(chunks, None)
+            n = 0
+            for entry in entries:
+                if entry.type in ("file", "stream"):
+                    pending = self._write_file(entry, n, pending, chunks)
+                    n += 1
+                else:
+                    self.write(entry)
+
+    def _write_file(self, entry: Entry, n: int, pending: tuple[int, bytes] | None,
+                    chunks: Iterator[tuple[int, bytes]]) -> tuple[int, bytes] | None:
+        """Write file ``n`` of the read pipeline from its chunks; returns the next file's first."""
+        path = self.path_of(entry)
+        self._parent(path)
+        mode = (entry.mode if entry.mode is not None else 0o600) & 0o777
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            while pending is not None and pending[0] == n:
+                data = pending[1]
+                f.write(data)
+                self.bytes_written += len(data)
+                if self.progress:
+                    self.progress(len(data))
+                pending = next(chunks, None)
+            os.fchmod(f.fileno(), mode)
+            if self.owner is not None:
+                os.fchown(f.fileno(), *self.owner)
+        if entry.mtime is not None:
+            os.utime(path, (entry.mtime, entry.mtime))
+        self.files += 1
+        return pending
 
     def finish_dirs(self) -> None:
         """Directory modes and mtimes last: writing files into them changes mtimes."""
@@ -657,13 +686,10 @@ def restore_physical(kloset: Kloset, snapshot: Snapshot | str, *, to_dir: str,
         ex = _Extractor(kloset, snap, partial, owner, progress)
         held_back = [e for e in snap.entries if posixpath.normpath(e.name) == "PG_VERSION"]
         with kloset.lock(exclusive=False, operation="restore"):
-            for entry in snap.entries:
-                if entry not in held_back:
-                    ex.write(entry)
+            ex.write_all([e for e in snap.entries if e not in held_back])
             ex.finish_dirs()
             os.sync()  # everything durable before the file that makes it a cluster
-            for entry in held_back:
-                ex.write(entry)
+            ex.write_all(held_back)
         os.chmod(partial, 0o700)
         verified, note = _verify(bins, partial, log)
         if note:
