@@ -147,7 +147,8 @@ def summarize(doc: dict[str, Any]) -> dict[str, Any]:
             r["pg_restore"]["info"]["bytes_read"] / MIB, "MiB")
     if "physical" in restore and "pgbackrest" in restore["physical"]:
         r = restore["physical"]
-        add("restore", "physical, whole cluster", "pgbackrest", r["pgkloset"]["wall_s"],
+        both = " (mean of both orders)" if "rounds" in r else ""
+        add("restore", f"physical, whole cluster{both}", "pgbackrest", r["pgkloset"]["wall_s"],
             r["pgbackrest"]["wall_s"], "s")
     s["targets"] = _targets(doc, logical, physical, restore)
     return s
