@@ -398,10 +398,10 @@ class Bench:
                           snap: str) -> dict[str, Any]:
         """Both tools' whole-cluster restores, twice, in both orders.
 
-        Writing 3.4 GB into fresh page-cache pages costs this guest up to
-        three times the system time when the host has just taken the memory
-        back, and that lands mostly on whichever tool goes first; the means
-        of the two orders are what the ratio uses.
+        On this guest the system time of the same 3.4 GB of writes varies
+        up to threefold from run to run, and a tool's first restore also
+        reads its repository from disk; with both orders neither tool
+        always takes the colder run. The ratio uses the means.
         """
         root = self.workdir / "restored"
         root.mkdir(exist_ok=True)
