@@ -35,6 +35,7 @@ from pgkloset_core.postgres.logical import backup_logical
 from pgkloset_core.postgres.restore_logical import RestoreFailed, restore_logical
 from pgkloset_core.storage import open_backend
 from tests.fixtures.logical_db import PASSPHRASE, build_plain, make_kloset, table_checksums
+from tests.fixtures.storage import CountingBackend
 
 DB = "dm_src"
 HUGE_ROW = 2**24  # the COPY line's length: its chunk header is 00 00 00 00 01
@@ -224,27 +225,6 @@ def test_blocks_out_of_toc_order_give_no_map(source: LocalInstance) -> None:
 
 
 # ----------------------------------------------------------- restores
-
-
-class CountingBackend:
-    """Delegates to a backend and counts the bytes read from it."""
-
-    def __init__(self, inner: Any) -> None:
-        self._inner = inner
-        self.bytes_read = 0
-
-    def read(self, name: str) -> bytes:
-        data: bytes = self._inner.read(name)
-        self.bytes_read += len(data)
-        return data
-
-    def read_range(self, name: str, offset: int, length: int) -> bytes:
-        data: bytes = self._inner.read_range(name, offset, length)
-        self.bytes_read += len(data)
-        return data
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
 
 
 @pytest.fixture(scope="module")

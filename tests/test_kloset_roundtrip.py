@@ -33,6 +33,7 @@ from tests.fixtures.kloset import (
     producer_command,
     seeded_bytes,
 )
+from tests.fixtures.storage import CountingBackend
 
 # Chunks of ~300 bytes: a few MiB give thousands of chunks, so entries spill
 # their chunk lists into list blobs and packs fill up quickly.
@@ -268,21 +269,6 @@ def test_new_chunks_compressed_in_a_batch_are_stored_as_one_by_one(tmp_path, mon
     assert codecs[CODEC_RAW] >= 10 and codecs[CODEC_ZSTD] >= 10  # 3 MiB of noise, ~7 MiB of text
 
 
-class _CountingReads:
-    """The real backend, with every ranged read recorded (name, offset, length)."""
-
-    def __init__(self, inner) -> None:
-        self._inner = inner
-        self.ranges: list[tuple[str, int, int]] = []
-
-    def read_range(self, name: str, offset: int, length: int) -> bytes:
-        self.ranges.append((name, offset, length))
-        return self._inner.read_range(name, offset, length)
-
-    def __getattr__(self, name: str):
-        return getattr(self._inner, name)
-
-
 def test_reading_back_fetches_each_packs_run_of_chunks_in_one_request(tmp_path) -> None:
     """A stream's new chunks lie side by side in its packs: reading it back takes
     one request per run, never a byte between or beyond the chunks it needs, and
@@ -299,7 +285,7 @@ def test_reading_back_fetches_each_packs_run_of_chunks_in_one_request(tmp_path) 
     writer.add_bytes("runs", data)
     snap = writer.commit()
 
-    counting = _CountingReads(open_backend(url))
+    counting = CountingBackend(open_backend(url))
     kloset = Kloset.open(counting, PASSPHRASE)
     entry = snap.entry("runs")
     refs = list(iter_refs(entry.inline)) if entry.inline else [

@@ -351,12 +351,10 @@ class Kloset:
     # -- reading data ---------------------------------------------------------
 
     def read_blob(self, blob_id: bytes) -> bytes:
-        loc = self.load_index().lookup(blob_id)
-        if loc is None:
-            raise CorruptObject(f"blob {blob_id.hex()[:16]}", "not in the index (missing data)")
-        name = pack_name(loc.pack_id)
-        stored = self.backend.read_range(name, loc.offset, loc.length)
-        return open_blob(self.master, loc.salt, loc.blob_type, blob_id, stored, name)
+        blobs, error = self.read_blobs([blob_id])
+        if error is not None:
+            raise error
+        return blobs[0]
 
     def read_blobs(self, blob_ids: Sequence[bytes]) -> tuple[list[bytes], KlosetError | None]:
         """Several blobs in order, those stored side by side in a pack in one read.
@@ -371,30 +369,26 @@ class Kloset:
         index = self.load_index()
         out: list[bytes] = []
         try:
-            locs = []
-            for blob_id in blob_ids:
-                loc = index.lookup(blob_id)
-                if loc is None:  # checked before any read: the blobs before it still come out
-                    break
-                locs.append(loc)
+            locs = [index.lookup(blob_id) for blob_id in blob_ids]
             i = 0
             while i < len(locs):
                 first = locs[i]
-                end, j = first.offset + first.length, i + 1
-                while j < len(locs) and locs[j].pack_id == first.pack_id and locs[j].offset == end:
-                    end += locs[j].length
-                    j += 1
+                if first is None:
+                    raise CorruptObject(f"blob {blob_ids[i].hex()[:16]}", "not in the index (missing data)")
+                run_locs, end = [first], first.offset + first.length
+                while i + len(run_locs) < len(locs):
+                    nxt = locs[i + len(run_locs)]
+                    if nxt is None or nxt.pack_id != first.pack_id or nxt.offset != end:
+                        break
+                    run_locs.append(nxt)
+                    end += nxt.length
                 name = pack_name(first.pack_id)
                 run = memoryview(self.backend.read_range(name, first.offset, end - first.offset))
-                for k in range(i, j):
-                    loc = locs[k]
+                for k, loc in enumerate(run_locs, start=i):
                     start = loc.offset - first.offset
                     out.append(open_blob(self.master, loc.salt, loc.blob_type, blob_ids[k],
                                          run[start:start + loc.length], name))
-                i = j
-            if len(locs) < len(blob_ids):
-                missing = blob_ids[len(locs)].hex()[:16]
-                raise CorruptObject(f"blob {missing}", "not in the index (missing data)")
+                i += len(run_locs)
         except KlosetError as exc:
             return out, exc
         return out, None

@@ -571,7 +571,8 @@ class _Extractor:
             else:
                 os.lchown(path, *self.owner)
 
-    def write(self, entry: Entry) -> None:
+    def _write_node(self, entry: Entry) -> None:
+        """A directory or a symlink (files go through write_all)."""
         path = self.path_of(entry)
         self._parent(path)
         if entry.type == "dir":
@@ -582,8 +583,6 @@ class _Extractor:
         elif entry.type == "symlink":
             os.symlink(entry.target or "", path)
             self._chown(path, follow=False)
-        elif entry.type in ("file", "stream"):
-            self.write_all([entry])
         else:
             raise PhysicalRestoreError(f"entry {entry.name!r} has unknown type {entry.type!r}")
 
@@ -603,7 +602,7 @@ class _Extractor:
                     pending = self._write_file(entry, n, pending, chunks)
                     n += 1
                 else:
-                    self.write(entry)
+                    self._write_node(entry)
 
     def _write_file(self, entry: Entry, n: int, pending: tuple[int, bytes] | None,
                     chunks: Iterator[tuple[int, bytes]]) -> tuple[int, bytes] | None:
