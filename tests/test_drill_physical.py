@@ -1,4 +1,5 @@
-"""Drills of physical snapshots: a good cluster passes, a cluster missing a file fails."""
+"""Drills of physical snapshots: a good cluster passes, a cluster missing a file or with a
+changed one fails."""
 
 from __future__ import annotations
 
@@ -15,7 +16,11 @@ from pgkloset_core.kloset.repository import Kloset
 from pgkloset_core.kloset.snapshot import Entry, Snapshot
 from pgkloset_core.postgres.drill import DrillError, SqlCheck, postgres_pids_under, run_drill
 from pgkloset_core.postgres.instance import LocalInstance, LocalInstanceProvider
-from pgkloset_core.postgres.physical import backup_physical
+from pgkloset_core.postgres.physical import (
+    PhysicalRestoreError,
+    backup_physical,
+    restore_physical,
+)
 from tests.test_drill_support import (
     CLI,
     DROP,
@@ -94,6 +99,31 @@ def test_missing_relation_file_fails(physical: PhysicalSetup, pg_shared_dir: Pat
     assert last.startswith("pgkloset: error: drill failed: restore: ")
     assert physical.relation_file in last
     assert "FAIL restore" in done.stdout
+    assert_clean(pg_shared_dir)
+
+
+def test_changed_relation_file_fails_on_its_checksum(physical: PhysicalSetup,
+                                                     pg_shared_dir: Path, tmp_path: Path) -> None:
+    """Validly sealed, every file present and of its size, one byte of a heap file changed:
+    the checksum the restore computes while writing catches it, and nothing is left."""
+    def flip(entry: Entry, data: bytes) -> bytes | object:
+        if entry.name != physical.relation_file:
+            return data
+        at = len(data) // 2
+        return data[:at] + bytes([data[at] ^ 0x01]) + data[at + 1:]
+
+    broken = rewrite_snapshot(physical.kloset, physical.good, flip)
+    target = tmp_path / "restored"
+    with pytest.raises(PhysicalRestoreError) as caught:
+        restore_physical(physical.kloset, broken, to_dir=str(target))
+    message = str(caught.value)
+    assert physical.relation_file in message and "backup manifest" in message, message
+    assert "CRC32C" in message
+    assert not target.exists() and not target.with_name("restored.partial").exists()
+
+    report = run_drill(physical.kloset, broken, work_dir=pg_shared_dir)
+    assert not report.passed
+    assert physical.relation_file in (report.first_failure() or "")
     assert_clean(pg_shared_dir)
 
 

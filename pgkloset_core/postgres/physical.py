@@ -7,8 +7,11 @@ mode) and every member becomes its own snapshot entry, so unchanged files
 deduplicate across backups and nothing is staged on local disk.
 
 Restore: the entries are written into ``DIR.partial`` with the top-level
-``PG_VERSION`` held back until everything else is on disk, checked with
-``pg_verifybackup``, then renamed to ``DIR``. A restore killed at any point
+``PG_VERSION`` held back until everything else is on disk, past the page
+cache where the filesystem allows (filewrite.py), each file's checksum
+checked against ``backup_manifest`` as it is written (manifest.py), the rest
+checked by ``pg_verifybackup --skip-checksums``, then renamed to ``DIR``.
+A restore killed at any point
 leaves at most a ``.partial`` directory, never something that looks like a
 cluster. The major version of the target binaries is checked before a byte
 is written: a data directory only starts under its own major version.
@@ -40,6 +43,8 @@ from pgkloset_core.kloset.reader import iter_entries
 from pgkloset_core.kloset.repository import Kloset, ready
 from pgkloset_core.kloset.snapshot import Entry, Snapshot
 from pgkloset_core.postgres.binaries import NoSuitableBinaries, PgBinaries, find_binaries
+from pgkloset_core.postgres.filewrite import FileWriter
+from pgkloset_core.postgres.manifest import ChecksumMismatch, ManifestChecksums
 from pgkloset_core.postgres.pgenv import (
     BackupCancelled,
     ConnTarget,
@@ -525,8 +530,11 @@ class _Extractor:
     """Writes entries under one root, never following a path out of it."""
 
     def __init__(self, kloset: Kloset, snap: Snapshot, root: Path,
-                 owner: tuple[int, int] | None, progress: Progress | None) -> None:
+                 owner: tuple[int, int] | None, progress: Progress | None,
+                 files: FileWriter, checksums: ManifestChecksums | None) -> None:
         self.kloset = kloset
+        self.out = files
+        self.checksums = checksums
         self.snap = snap
         self.root = root
         self.real_root = os.path.realpath(root)
@@ -610,18 +618,30 @@ class _Extractor:
         path = self.path_of(entry)
         self._parent(path)
         mode = (entry.mode if entry.mode is not None else 0o600) & 0o777
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        with os.fdopen(fd, "wb") as f:
+        check = self.checksums.check_for(entry.name) if self.checksums else None
+        f = self.out.create(path)
+        try:
             while pending is not None and pending[0] == n:
                 data = pending[1]
                 f.write(data)
+                if check is not None:
+                    check.update(data)
                 self.bytes_written += len(data)
                 if self.progress:
                     self.progress(len(data))
                 pending = next(chunks, None)
-            os.fchmod(f.fileno(), mode)
+            f.finish()
+            os.fchmod(f.fd, mode)
             if self.owner is not None:
-                os.fchown(f.fileno(), *self.owner)
+                os.fchown(f.fd, *self.owner)
+        finally:
+            f.close()
+        if check is not None:
+            try:
+                check.verify()
+            except ChecksumMismatch as exc:
+                raise PhysicalRestoreError(f"the restored files do not match the backup "
+                                           f"manifest: {exc}") from None
         if entry.mtime is not None:
             os.utime(path, (entry.mtime, entry.mtime))
         self.files += 1
@@ -636,13 +656,31 @@ class _Extractor:
                 os.utime(path, (entry.mtime, entry.mtime))
 
 
-def _verify(bins: PgBinaries, data_dir: Path, log: Log | None) -> tuple[bool, str | None]:
-    """pg_verifybackup with the manifest and the WAL in pg_wal; (passed, note)."""
+def _read_checksums(kloset: Kloset, snap: Snapshot) -> ManifestChecksums | None:
+    """The file checksums of the snapshot's backup_manifest, checked as the files are written."""
+    entry = snap.entry("backup_manifest")
+    if entry is None or entry.type != "file":
+        return None
+    return ManifestChecksums.parse(b"".join(kloset.read_entry(snap, entry)))
+
+
+def _verify(bins: PgBinaries, data_dir: Path, log: Log | None,
+            checksums_done: bool) -> tuple[bool, str | None]:
+    """pg_verifybackup with the manifest and the WAL in pg_wal; (passed, note).
+
+    ``checksums_done``: the restore checked every file's checksum as it wrote
+    it, so pg_verifybackup checks the rest (files present, sizes, the manifest's
+    own checksum, the WAL) without reading the files back.
+    """
     if not (data_dir / "backup_manifest").is_file():
         return False, "the snapshot has no backup_manifest: pg_verifybackup skipped"
     if not bins.has("pg_verifybackup"):
-        return False, f"pg_verifybackup is not installed in {bins.bin_dir}: check skipped"
+        done = "file checksums checked; " if checksums_done else ""
+        return False, (f"pg_verifybackup is not installed in {bins.bin_dir}: {done}"
+                       "file list, sizes and WAL not checked")
     argv = [str(bins.path("pg_verifybackup")), "--quiet"]
+    if checksums_done:
+        argv.append("--skip-checksums")
     if not bins.has("pg_waldump"):
         argv.append("--no-parse-wal")
     done = subprocess.run([*argv, str(data_dir)], capture_output=True, text=True, timeout=3600)
@@ -682,15 +720,18 @@ def restore_physical(kloset: Kloset, snapshot: Snapshot | str, *, to_dir: str,
         partial.mkdir(mode=0o700)
         if owner is not None:
             os.chown(partial, *owner)
-        ex = _Extractor(kloset, snap, partial, owner, progress)
         held_back = [e for e in snap.entries if posixpath.normpath(e.name) == "PG_VERSION"]
-        with kloset.lock(exclusive=False, operation="restore"):
+        with kloset.lock(exclusive=False, operation="restore"), \
+                contextlib.closing(FileWriter()) as files:
+            checksums = _read_checksums(kloset, snap)
+            ex = _Extractor(kloset, snap, partial, owner, progress, files, checksums)
             ex.write_all([e for e in snap.entries if e not in held_back])
             ex.finish_dirs()
             os.sync()  # everything durable before the file that makes it a cluster
             ex.write_all(held_back)
         os.chmod(partial, 0o700)
-        verified, note = _verify(bins, partial, log)
+        verified, note = _verify(bins, partial, log,
+                                 checksums_done=checksums is not None and checksums.complete)
         if note:
             notes.append(note)
         _swap_in(partial, target, replace)
