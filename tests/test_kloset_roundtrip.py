@@ -352,3 +352,45 @@ def test_many_entries_read_through_one_pipeline_in_order_with_sizes_checked(tmp_
         with pytest.raises(CorruptObject, match=wrong[victim].name):
             for _ in iter_entries(kloset, snap, wrong):
                 pass
+
+
+def test_reader_threads_follow_what_the_backend_wants_in_flight(tmp_path) -> None:
+    """A local store gets no more reader threads than cores; a remote one (which a
+    slow read stands in for here) gets its reads in flight, and the bytes are the same."""
+    import os
+    import threading
+    import time
+
+    from pgkloset_core.storage.fs import FilesystemBackend
+    from pgkloset_core.storage.retry import RetryingBackend
+
+    data = seeded_bytes(31, 8 * MiB)
+    url = str(tmp_path / "k")
+    Kloset.init(open_backend(url), PASSPHRASE, kdf=CHEAP_KDF)
+    writer = Kloset.open(open_backend(url), PASSPHRASE).writer(kind="test")
+    writer.add_bytes("s", data)
+    snap = writer.commit()
+
+    local = FilesystemBackend(tmp_path / "k")
+    assert 1 <= local.reads_in_flight <= min(4, os.cpu_count() or 1)
+    assert RetryingBackend(local).reads_in_flight == local.reads_in_flight
+
+    class Remote(CountingBackend):
+        def __init__(self, inner, in_flight: int) -> None:
+            super().__init__(inner)
+            self.reads_in_flight = in_flight
+            self.threads: set[str] = set()
+
+        def read_range(self, name: str, offset: int, length: int) -> bytes:
+            if name.startswith("data/"):
+                self.threads.add(threading.current_thread().name)
+                time.sleep(0.01)
+            return super().read_range(name, offset, length)
+
+    for in_flight in (1, 3):
+        remote = Remote(open_backend(url), in_flight)
+        kloset = Kloset.open(remote, PASSPHRASE)  # type: ignore[arg-type]
+        assert b"".join(kloset.read_entry(snap, snap.entry("s"))) == data
+        # (The chunk lists are read by the consumer's thread; the chunks by the readers.)
+        readers = {t for t in remote.threads if t.startswith("pgkloset-read")}
+        assert len(readers) == in_flight, remote.threads

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from pgkloset_core.kloset.cutter import PreviousCuts
     from pgkloset_core.kloset.repository import Kloset
 
-READ_AHEAD = 8  # batches in flight; half as many reader threads
+READ_AHEAD = 8  # batches in flight; half as many reader threads at most (see _fetch)
 BATCH_BYTES = 512 * 1024
 Parts = tuple[slice, ...] | None  # the parts of a chunk to yield; None: all of it
 Tag = TypeVar("Tag")  # what a chunk's reader needs back with it (its parts, its entry)
@@ -119,10 +119,12 @@ def _fetch(kloset: Kloset, refs: Iterator[tuple[bytes, int, Tag]], read_ahead: i
     """Each ref's chunk with its tag, in order, fetched ahead by a small thread pool.
 
     Chunks go to the readers in batches of about BATCH_BYTES: one task per
-    64 KiB chunk cost more in thread hand-offs than decrypting it. A chunk
-    that cannot be read raises, after every chunk before it.
+    64 KiB chunk cost more in thread hand-offs than decrypting it. As many
+    threads as the backend wants reads in flight (a local one: its cores).
+    A chunk that cannot be read raises, after every chunk before it.
     """
-    with ThreadPoolExecutor(max_workers=max(1, read_ahead // 2), thread_name_prefix="pgkloset-read") as pool:
+    threads = max(1, min(read_ahead // 2, kloset.backend.reads_in_flight))
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="pgkloset-read") as pool:
         window: deque[tuple[Future[tuple[list[bytes], KlosetError | None]],
                             list[tuple[bytes, int, Tag]]]] = deque()
         batches = _batched(refs)

@@ -39,6 +39,7 @@ class DeleteDenied(StorageError):
 
 # Cold storage states of one object (see Backend.cold_state).
 HOT = "hot"  # readable now
+REMOTE_READS_IN_FLIGHT = 4  # reader threads for a store behind a network
 FROZEN = "frozen"  # in an archive class; needs a thaw before reading
 THAWING = "thawing"  # a thaw was requested and is still running
 THAWED = "thawed"  # a temporary readable copy exists
@@ -125,6 +126,16 @@ class Backend(ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections; the default has nothing to release."""
+
+    @property
+    def reads_in_flight(self) -> int:
+        """Reads a restore keeps running at once: enough to hide a remote store's latency.
+
+        Each reader thread also decrypts and decompresses what it fetched;
+        a local store, which answers at once, needs no more threads than cores.
+        """
+        inner = getattr(self, "inner", None)
+        return inner.reads_in_flight if isinstance(inner, Backend) else REMOTE_READS_IN_FLIGHT
 
     # -- cold storage (optional) -------------------------------------------
     # Backends without archive classes keep these defaults: everything is hot.
