@@ -121,6 +121,13 @@ def test_changed_relation_file_fails_on_its_checksum(physical: PhysicalSetup,
     assert "CRC32C" in message
     assert not target.exists() and not target.with_name("restored.partial").exists()
 
+    done = run_cli(physical.repo, "restore", broken.id[:12], "--to-dir", str(target))
+    assert done.returncode == 1, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("pgkloset: error: "), done.stderr
+    assert physical.relation_file in lines[0] and "backup manifest" in lines[0]
+    assert not target.exists() and not target.with_name("restored.partial").exists()
+
     report = run_drill(physical.kloset, broken, work_dir=pg_shared_dir)
     assert not report.passed
     assert physical.relation_file in (report.first_failure() or "")

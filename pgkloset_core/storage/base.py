@@ -39,7 +39,6 @@ class DeleteDenied(StorageError):
 
 # Cold storage states of one object (see Backend.cold_state).
 HOT = "hot"  # readable now
-REMOTE_READS_IN_FLIGHT = 4  # reader threads for a store behind a network
 FROZEN = "frozen"  # in an archive class; needs a thaw before reading
 THAWING = "thawing"  # a thaw was requested and is still running
 THAWED = "thawed"  # a temporary readable copy exists
@@ -66,6 +65,9 @@ def metadata_writes() -> Iterator[None]:
 
 def writing_metadata() -> bool:
     return bool(getattr(_hints, "metadata", False))
+
+
+REMOTE_READS_IN_FLIGHT = 4  # reads a restore keeps in flight from a store behind a network
 
 
 @dataclass(frozen=True, slots=True)
