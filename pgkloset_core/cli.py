@@ -144,12 +144,16 @@ def cat(app: AppContext, snapshot: str, entry: str | None, no_wait: bool) -> Non
     """Write an entry's bytes to standard output.
 
     SNAPSHOT is a full id, a unique prefix, or `latest`. ENTRY may be left out when the
-    snapshot has a single entry. Packs in cold storage are thawed first.
+    snapshot has a single entry; for a logical snapshot dumped in parts it then writes the
+    one archive they make, for pg_restore. Packs in cold storage are thawed first.
     """
     from pgkloset_core.kloset.thaw import stderr_progress
 
     kloset = app.open()
     snap = kloset.resolve(snapshot)
+    if entry is None and snap.kind == "logical" and snap.meta.get("dump_parts"):
+        _cat_merged(app, kloset, snap, no_wait)
+        return
     if entry is None:
         with_content = [e for e in snap.entries if e.type in ("stream", "file")]
         if len(with_content) != 1:
@@ -168,7 +172,21 @@ def cat(app: AppContext, snapshot: str, entry: str | None, no_wait: bool) -> Non
             _write_stdout(data)
 
 
-def _write_stdout(data: bytes) -> None:
+def _cat_merged(app: AppContext, kloset: Any, snap: Any, no_wait: bool) -> None:
+    """A dump taken in parts, as the single archive pg_restore reads."""
+    from pgkloset_core.kloset.thaw import stderr_progress
+    from pgkloset_core.postgres.restore_logical import merged_dump, read_merged
+
+    with status("thaw") as say:
+        kloset.prepare_read(snap, wait=not no_wait, progress=stderr_progress(say))
+    with kloset.lock(exclusive=False, operation="cat", wait=app.lock_wait):
+        merged = merged_dump(kloset, snap)
+        assert merged is not None
+        for data in read_merged(kloset, snap, merged, None):
+            _write_stdout(data)
+
+
+def _write_stdout(data: bytes | memoryview) -> None:
     """Unbuffered, so a failed write leaves nothing for Python to retry noisily at exit."""
     view = memoryview(data)
     try:

@@ -87,6 +87,8 @@ class _BlobSink:
         self.stored_bytes = 0
         self.new_blobs = 0
         self._lock = threading.Lock()
+        # Streams of one snapshot may be added from several threads (a dump in parts).
+        self._adding = threading.RLock()
 
     def seal(self, blob_type: int, blob_id: bytes, data: bytes | memoryview,
              compressor: zstandard.ZstdCompressor | None) -> bytes:
@@ -97,15 +99,16 @@ class _BlobSink:
         return seal_frame(self.key, self.nonces.next(), blob_type, blob_id, data, frame)
 
     def add(self, blob_id: bytes, blob_type: int, sealed: bytes, raw_length: int) -> None:
-        if blob_id in self.seen:
-            return
-        self.seen.add(blob_id)
-        self.new_blobs += 1
-        lists = blob_type == BLOB_LIST
-        builder = self.list_pack if lists else self.pack
-        builder.add(blob_id, blob_type, sealed, raw_length)
-        if len(builder) >= self.kloset.config.pack_size:
-            self._ship(lists=lists)
+        with self._adding:
+            if blob_id in self.seen:
+                return
+            self.seen.add(blob_id)
+            self.new_blobs += 1
+            lists = blob_type == BLOB_LIST
+            builder = self.list_pack if lists else self.pack
+            builder.add(blob_id, blob_type, sealed, raw_length)
+            if len(builder) >= self.kloset.config.pack_size:
+                self._ship(lists=lists)
 
     def _ship(self, *, lists: bool = False) -> None:
         builder = self.list_pack if lists else self.pack
@@ -141,10 +144,11 @@ class _BlobSink:
             self.write_delta()
 
     def flush(self) -> None:
-        self._ship()
-        self._ship(lists=True)
-        while self.uploads:
-            self._collect(self.uploads.popleft())
+        with self._adding:
+            self._ship()
+            self._ship(lists=True)
+            while self.uploads:
+                self._collect(self.uploads.popleft())
 
     def write_delta(self) -> None:
         if not self.pending_records:
@@ -161,7 +165,11 @@ class _BlobSink:
 
 
 class SnapshotWriter:
-    """Builds one snapshot from streams and files; ``commit()`` makes it exist."""
+    """Builds one snapshot from streams and files; ``commit()`` makes it exist.
+
+    Streams may be added from several threads at once (a dump taken in
+    parts); the entries keep the order in which they were finished.
+    """
 
     def __init__(self, kloset: Kloset, *, kind: str, tags: list[str], meta: dict[str, Any],
                  lock: Lock | None, workers: int, start_time: datetime | None = None) -> None:
@@ -178,6 +186,7 @@ class SnapshotWriter:
         self.start_time = start_time or datetime.now(UTC)
         self.logical_bytes = 0
         self.followed_bytes = 0  # taken as a previous version predicted, without cutting
+        self._entries_lock = threading.Lock()
         try:
             # Opt-in: the seal workers and the uploader can fall behind and catch
             # up; the reader, pg_dump and the database's queries cannot.
@@ -246,7 +255,8 @@ class SnapshotWriter:
             return self.add_chunks(name, cutter.cut(stream), entry_type=entry_type,
                                    progress=progress, observe=observe, **attrs)
         finally:
-            self.followed_bytes += cutter.followed_bytes
+            with self._entries_lock:
+                self.followed_bytes += cutter.followed_bytes
 
     def add_chunks(self, name: str, chunks: Iterable[Chunk | KnownChunk], *,
                    entry_type: str = "stream", progress: Progress | None = None,
@@ -305,9 +315,10 @@ class SnapshotWriter:
             raise
         entry = Entry(name=name, type=entry_type, size=size, **attrs)
         refs.finish(entry)
-        self.chunk_count += refs.total
-        self.logical_bytes += size
-        self.entries.append(entry)
+        with self._entries_lock:
+            self.chunk_count += refs.total
+            self.logical_bytes += size
+            self.entries.append(entry)
         return entry
 
     def _prepare_batch(self, batch: list[Chunk]) -> list[Prepared]:
@@ -389,7 +400,8 @@ class SnapshotWriter:
         """An entry without content (directory, symlink)."""
         self._check_open(name)
         entry = Entry(name=name, type=entry_type, **attrs)
-        self.entries.append(entry)
+        with self._entries_lock:
+            self.entries.append(entry)
         return entry
 
     def _check_open(self, name: str) -> None:

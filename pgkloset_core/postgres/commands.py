@@ -44,6 +44,10 @@ def register(cli: click.Group, backup: click.Group) -> None:
               show_default=True, help="custom streams; directory allows --jobs (uses temp disk).")
 @click.option("--jobs", type=click.IntRange(1, 256), default=1, show_default=True,
               help="Parallel pg_dump workers (directory format).")
+@click.option("--streams", type=click.IntRange(1, 8), default=None, metavar="N",
+              help="pg_dump processes side by side in one snapshot, the largest tables' data "
+              "spread over them, stored as one archive (custom format). Default: 2 for "
+              "databases of 64 MiB or more, else 1.")
 @click.option("--tag", "tags", multiple=True, metavar="TAG", help="Tag the snapshots.")
 @click.option("--server", metavar="NAME", help="Server name in metadata (default host:port).")
 @click.option("--bin-dir", metavar="DIR", help="Directory of the pg_dump to use.")
@@ -52,7 +56,7 @@ def register(cli: click.Group, backup: click.Group) -> None:
 @pass_app
 def backup_logical_cmd(app: AppContext, dsn: str | None, databases: tuple[str, ...],
                        all_dbs: bool, exclude: tuple[str, ...], fmt: str, jobs: int,
-                       tags: tuple[str, ...], server: str | None, bin_dir: str | None,
+                       streams: int | None, tags: tuple[str, ...], server: str | None, bin_dir: str | None,
                        verbose: bool, as_json: bool) -> None:
     """Dump databases (one snapshot each) and the cluster's globals."""
     if all_dbs == bool(databases):
@@ -67,7 +71,7 @@ def backup_logical_cmd(app: AppContext, dsn: str | None, databases: tuple[str, .
     with byte_progress("backup logical") as progress:
         results = backup_logical(
             kloset, dsn or "", None if all_dbs else list(databases), exclude=exclude, fmt=fmt,
-            jobs=jobs, tags=tags, server=server, bin_dir=bin_dir, lock_wait=app.lock_wait,
+            jobs=jobs, streams=streams, tags=tags, server=server, bin_dir=bin_dir, lock_wait=app.lock_wait,
             log=_stderr_log(verbose), progress=progress)
     if as_json:
         emit_json([vars(r) for r in results])

@@ -95,13 +95,36 @@ class _NeedMore(Exception):
 
 @dataclass(frozen=True)
 class TocEntry:
-    """One entry of the archive's table of contents (the parts a restore needs)."""
+    """One entry of the archive's table of contents (the parts a restore needs).
+
+    The offsets locate the entry in the archive, so that dumpmerge.py can
+    copy it with a new dump id and new dependencies: ``start`` (its dump id),
+    ``deps_start`` (its first dependency), ``deps_end`` (after the NULL that
+    ends them: its data offset follows) and ``end``.
+    """
 
     dump_id: int
     desc: str
     namespace: str
     tag: str
     has_data: bool
+    section: int = 0
+    deps: tuple[int, ...] = ()
+    start: int = 0
+    deps_start: int = 0
+    deps_end: int = 0
+    end: int = 0
+
+
+@dataclass(frozen=True)
+class TocLayout:
+    """A custom-format archive's header and table of contents, as parsed."""
+
+    version: tuple[int, int, int]
+    int_size: int
+    count_pos: int  # where the entry count (an int) is written
+    entries: list[TocEntry]
+    end: int  # the first byte after the TOC
 
 
 @dataclass
@@ -194,6 +217,14 @@ class CleanChunks:
                 inside.append(int.from_bytes(blob_id[:8], "little"))
         return cls(array("Q", sorted(set(inside))))
 
+    @classmethod
+    def union(cls, sets: Iterable[CleanChunks]) -> CleanChunks:
+        """The chunks clean in any of ``sets`` (the parts of one dump)."""
+        merged: set[int] = set()
+        for one in sets:
+            merged.update(one._prefixes)
+        return cls(array("Q", sorted(merged)))
+
     def __contains__(self, blob_id: bytes) -> bool:
         key = int.from_bytes(blob_id[:8], "little")
         i = bisect.bisect_left(self._prefixes, key)
@@ -247,6 +278,12 @@ def parse_toc(buf: bytes | bytearray) -> tuple[list[TocEntry], int, int]:
     Raises _NeedMore when ``buf`` ends before the TOC does, Unsupported when
     it is not an uncompressed custom-format archive of a known version.
     """
+    layout = read_toc(buf)
+    return layout.entries, layout.int_size, layout.end
+
+
+def read_toc(buf: bytes | bytearray) -> TocLayout:
+    """The header and table of contents of a custom-format archive's start (see parse_toc)."""
     c = _Cursor(buf)
     if c.take(5) != MAGIC:
         raise Unsupported("not a custom-format archive")
@@ -267,11 +304,13 @@ def parse_toc(buf: bytes | bytearray) -> tuple[list[TocEntry], int, int]:
         c.int()
     for _ in range(3):  # database name, server version, pg_dump version
         c.str()
+    count_pos = c.pos
     count = c.int()
     if count < 0:
         raise Unsupported("negative TOC count")
     entries: list[TocEntry] = []
     for _ in range(count):
+        start = c.pos
         dump_id = c.int()
         if dump_id <= 0:
             raise Unsupported("entry id out of range")
@@ -280,7 +319,7 @@ def parse_toc(buf: bytes | bytearray) -> tuple[list[TocEntry], int, int]:
         c.str()  # oid
         tag = c.str() or ""
         desc = c.str() or ""
-        c.int()  # section
+        section = c.int()
         for _ in range(3):  # definition, drop statement, COPY statement
             c.str()
         namespace = c.str() or ""
@@ -291,14 +330,32 @@ def parse_toc(buf: bytes | bytearray) -> tuple[list[TocEntry], int, int]:
             c.int()  # relkind
         c.str()  # owner
         c.str()  # "with oids"
-        while c.str() is not None:  # dependencies, ended by a NULL string
-            pass
+        deps_start = c.pos
+        deps: list[int] = []
+        while (dep := c.str()) is not None:  # dependencies, ended by a NULL string
+            if dep.isdigit():
+                deps.append(int(dep))
+        deps_end = c.pos
         flag = c.byte()
         c.take(c.off_size)
         if flag not in (OFFSET_POS_NOT_SET, OFFSET_POS_SET, OFFSET_NO_DATA):
             raise Unsupported(f"unexpected data offset flag {flag}")
-        entries.append(TocEntry(dump_id, desc, namespace, tag, flag != OFFSET_NO_DATA))
-    return entries, c.int_size, c.pos
+        entries.append(TocEntry(dump_id, desc, namespace, tag, flag != OFFSET_NO_DATA,
+                                section, tuple(deps), start, deps_start, deps_end, c.pos))
+    return TocLayout(version, c.int_size, count_pos, entries, c.pos)
+
+
+def encode_int(value: int, int_size: int) -> bytes:
+    """An archive integer: a sign byte, then ``int_size`` little-endian bytes."""
+    return bytes((1 if value < 0 else 0,)) + abs(value).to_bytes(int_size, "little")
+
+
+def encode_str(text: str | None, int_size: int) -> bytes:
+    """An archive string: its length as an integer (-1 for NULL), then its bytes."""
+    if text is None:
+        return encode_int(-1, int_size)
+    data = text.encode("utf-8")
+    return encode_int(len(data), int_size) + data
 
 
 class DumpScanner:
@@ -308,7 +365,9 @@ class DumpScanner:
     blocks at most a block header's worth of bytes is kept between feeds.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, keep_head: bool = False) -> None:
+        self.keep_head = keep_head
+        self.head: bytes | None = None  # with keep_head: the bytes up to the TOC's end
         self.failed: str | None = None
         self.buf = bytearray()
         self.base = 0  # absolute offset of buf[0]
@@ -403,6 +462,8 @@ class DumpScanner:
             self.next_try = len(self.buf) * 2
             return
         self.toc_end = end
+        if self.keep_head:
+            self.head = bytes(self.buf[:end])
         self.expected = [(e.dump_id, BLOCK_TYPES.get(e.desc, 0)) for e in entries if e.has_data]
         self._drop_to(end)
         self.state = "header"

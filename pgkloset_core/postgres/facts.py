@@ -238,6 +238,16 @@ class SnapshotSession:
             raise KlosetError(f"cannot export a snapshot from {target.label()}: "
                               f"{str(exc).strip().splitlines()[0]}") from None
 
+    def table_sizes(self) -> list[tuple[str, str, int]]:
+        """The tables whose data the dump holds, with their sizes (to plan a dump in parts)."""
+        from pgkloset_core.postgres.dumpsplit import table_sizes
+
+        try:
+            return table_sizes(self.conn)
+        except psycopg.Error as exc:
+            raise KlosetError(f"cannot read table sizes: {str(exc).strip().splitlines()[0]}") \
+                from None
+
     def facts(self) -> dict[str, Any]:
         try:
             return database_facts(self.conn)

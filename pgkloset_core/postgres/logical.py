@@ -20,12 +20,13 @@ import shutil
 import tempfile
 import threading
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from itertools import chain
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import psycopg
 
@@ -33,7 +34,15 @@ from pgkloset_core.errors import KlosetError, UsageError
 from pgkloset_core.kloset.repository import Kloset, ready
 from pgkloset_core.kloset.snapshot import Entry
 from pgkloset_core.postgres.binaries import NoSuitableBinaries, PgBinaries, find_binaries
-from pgkloset_core.postgres.dumpmap import DUMP_MAP_KEY, CleanChunks, DumpMap, DumpScanner
+from pgkloset_core.postgres.dumpmap import (
+    DUMP_MAP_KEY,
+    CleanChunks,
+    DumpMap,
+    DumpScanner,
+    Unsupported,
+)
+from pgkloset_core.postgres.dumpmerge import PART_TABLES_KEY, PARTS_KEY, MergedDump, Part
+from pgkloset_core.postgres.dumpsplit import MAX_STREAMS, Table, plan_parts, table_pattern
 from pgkloset_core.postgres.facts import SnapshotSession, server_facts
 from pgkloset_core.postgres.pgenv import (
     BackupCancelled,
@@ -51,6 +60,7 @@ if TYPE_CHECKING:
 __all__ = ["BackupCancelled", "LogicalBackupResult", "backup_logical", "DatabaseNotFound"]
 
 FORMATS = ("custom", "directory")
+MAX_SPLIT_MAJOR = 18  # the newest pg_dump whose archive layout dumpmap.py knows
 GLOBALS_ENTRY = "globals.sql"
 Progress = Callable[[int], None]
 
@@ -77,6 +87,11 @@ class LogicalBackupResult:
 
 def dump_entry_name(database: str) -> str:
     return f"{database}.dump"
+
+
+def part_entry_name(database: str, k: int) -> str:
+    """The entry of part ``k`` (1, 2, ...) of a dump taken in parts."""
+    return f"{database}.dump.part{k}"
 
 
 def pick_client(server_major: int, server_version: str, bin_dir: str | None,
@@ -129,7 +144,7 @@ def _can_read_authid(conn: psycopg.Connection[Any]) -> bool:
 
 def backup_logical(kloset: Kloset | Future[Kloset], dsn: str, databases: list[str] | None, *,
                    exclude: Iterable[str] = (), fmt: str = "custom", jobs: int = 1,
-                   tags: Iterable[str] = (), server: str | None = None,
+                   streams: int | None = None, tags: Iterable[str] = (), server: str | None = None,
                    bin_dir: str | None = None, lock_wait: float = 0.0,
                    log: Log | None = None, cancel: threading.Event | None = None,
                    progress: Progress | None = None) -> list[LogicalBackupResult]:
@@ -140,6 +155,8 @@ def backup_logical(kloset: Kloset | Future[Kloset], dsn: str, databases: list[st
     ``run_id``. Raises a KlosetError (BackupCancelled when `cancel` is set).
     `kloset` may still be opening (``Kloset.open_soon``): it is waited for
     only once the server has been checked and the client tools chosen.
+    ``streams``: how many pg_dump processes share a custom-format dump
+    (dumpsplit.py; None: two for databases of 64 MiB or more).
     """
     if fmt not in FORMATS:
         raise UsageError(f"unknown dump format {fmt!r} (choose custom or directory)")
@@ -147,6 +164,10 @@ def backup_logical(kloset: Kloset | Future[Kloset], dsn: str, databases: list[st
         raise UsageError("--jobs must be at least 1")
     if jobs > 1 and fmt != "directory":
         raise UsageError("--jobs needs --format directory (pg_dump dumps in parallel only there)")
+    if streams is not None and not 1 <= streams <= MAX_STREAMS:
+        raise UsageError(f"--streams must be between 1 and {MAX_STREAMS}")
+    if streams is not None and streams > 1 and fmt != "custom":
+        raise UsageError("--streams is for the custom format (directory format has --jobs)")
     target = ConnTarget.parse(dsn)
     server_name = server or target.label()
     maintenance = target if target.dbname else target.with_db("postgres")
@@ -168,7 +189,8 @@ def backup_logical(kloset: Kloset | Future[Kloset], dsn: str, databases: list[st
     results: list[LogicalBackupResult] = []
     with kloset.lock(exclusive=False, operation="backup", wait=lock_wait) as lock, \
             ExitStack() as early:
-        dumps = {db: _Dump(target.with_db(db), client, fmt, log, cancel) for db in chosen}
+        dumps = {db: _Dump(target.with_db(db), client, fmt, log, cancel, streams)
+                 for db in chosen}
         if chosen:
             # The first pg_dump starts now, pg_dumpall next to it: their catalog
             # reads overlap the chunk list work that follows.
@@ -233,18 +255,22 @@ class _Dump:
     """
 
     def __init__(self, target: ConnTarget, client: PgBinaries, fmt: str, log: Log | None,
-                 cancel: threading.Event | None) -> None:
+                 cancel: threading.Event | None, streams: int | None = None) -> None:
         self.target = target
         self.client = client
         self.fmt = fmt
         self.log = log
         self.cancel = cancel
+        self.streams = streams
         self.stack: ExitStack | None = None
         self.closed = False
         self.session: SnapshotSession
         self.env: dict[str, str]
         self.facts: Future[dict[str, Any]]
         self.tool: ToolProcess | None = None
+        # A dump in parts (dumpmerge.py): the tables of each part after the main one.
+        self.parts: list[list[Table]] = []
+        self.part_tools: list[ToolProcess] = []
 
     @property
     def common(self) -> list[Any]:
@@ -257,18 +283,29 @@ class _Dump:
         with ExitStack() as stack:
             self.session = stack.enter_context(SnapshotSession(self.target))
             self.env = stack.enter_context(tool_env(self.target))
+            if self.fmt == "custom" and self.client.major <= MAX_SPLIT_MAJOR:
+                self.parts = plan_parts(self.session.table_sizes(), self.streams)
             pool = stack.enter_context(
                 ThreadPoolExecutor(max_workers=1, thread_name_prefix="pgkloset-facts"))
             # Counting runs next to the dump, in the same snapshot: the dump does not wait.
             self.facts = pool.submit(self.session.facts)
             stack.callback(self._stop_counting)  # on the way out, before the pool waits
             if self.fmt == "custom":
-                argv = stdio_buffered([self.client.path("pg_dump"), "-Fc", *self.common],
-                                      stdout=True)
-                self.tool = stack.enter_context(ToolProcess(
-                    argv, self.env, what="pg_dump", stdout=-1, log=self.log, cancel=self.cancel))
+                moved = [f"--exclude-table-data={table_pattern(t)}"
+                         for part in self.parts for t in part]
+                self.tool = stack.enter_context(self._pg_dump(moved))
+                for part in self.parts:
+                    only = [arg for t in part for arg in ("-t", table_pattern(t))]
+                    self.part_tools.append(stack.enter_context(
+                        self._pg_dump(["--data-only", *only])))
             self.stack = stack.pop_all()
         return self
+
+    def _pg_dump(self, selection: list[str]) -> ToolProcess:
+        argv = stdio_buffered([self.client.path("pg_dump"), "-Fc", *selection, *self.common],
+                              stdout=True)
+        return ToolProcess(argv, self.env, what="pg_dump", stdout=-1, log=self.log,
+                           cancel=self.cancel)
 
     def _stop_counting(self) -> None:
         if not self.facts.done():  # the dump failed or was cancelled mid-count
@@ -288,17 +325,12 @@ def _backup_database(kloset: Kloset, lock: Any, dump: _Dump, db: str,
     meta: dict[str, Any] = {**base_meta, "database": db, "format": fmt,
                             "entry": dump_entry_name(db) if fmt == "custom" else "dump/"}
     with kloset.writer(kind="logical", tags=tags, meta=meta, lock=lock) as writer:
-        if dump.tool is not None:
+        if dump.tool is not None and dump.part_tools:
+            _store_parts(writer, dump, db, progress, previous)
+        elif dump.tool is not None:
             scanner = DumpScanner()
-            clean = previous.clean if previous else frozenset()
-
-            def observe(data: bytes, blob_id: bytes) -> None:
-                scanner.feed(data, blob_id in clean)
-
-            entry = writer.add_stream(dump_entry_name(db), dump.tool.stdout,
-                                      progress=progress, observe=observe,
-                                      previous=previous.cuts if previous else None)
-            dump.tool.check()
+            entry = _store_dump(writer, dump.tool, dump_entry_name(db), scanner, progress,
+                                previous)
             _record_map(entry, scanner, log)
         else:
             _dump_directory(writer, dump.client, dump.common, dump.env, jobs, log, cancel,
@@ -338,18 +370,109 @@ def previous_dumps(kloset: Kloset, databases: Iterable[str]) -> dict[str, Previo
             db = snap.meta.get("database")
             if snap.kind != "logical" or db not in wanted or db in out:
                 continue
-            entry = snap.entry(str(snap.meta.get("entry") or ""))
-            if entry is None or entry.type != "stream":
+            main = snap.entry(str(snap.meta.get("entry") or ""))
+            if main is None or main.type != "stream":
                 continue  # a directory-format dump
-            cuts = PreviousCuts(iter_refs_of(kloset, snap, entry))
-            found = DumpMap.from_json(entry.meta.get(DUMP_MAP_KEY), entry.size)
-            clean = CleanChunks.from_dump(found, cuts.refs()) if found else frozenset()
-            out[db] = PreviousDump(cuts, clean)
+            parts = [main, *(e for e in map(snap.entry, snap.meta.get(PARTS_KEY) or [])
+                             if e is not None)]
+            if len(parts) == 1:
+                cuts = PreviousCuts(iter_refs_of(kloset, snap, main))
+                found = DumpMap.from_json(main.meta.get(DUMP_MAP_KEY), main.size)
+                clean = CleanChunks.from_dump(found, cuts.refs()) if found else frozenset()
+                out[db] = PreviousDump(cuts, clean)
+            else:
+                out[db] = _previous_parts(kloset, snap, parts)
             if len(out) == len(wanted):
                 break
     except KlosetError:
         pass  # without it the backup cuts and scans every byte
     return out
+
+
+def _previous_parts(kloset: Kloset, snap: Any, parts: list[Entry]) -> PreviousDump:
+    """A dump in parts: the cutter follows the chunks of all of them (tables may move)."""
+    from pgkloset_core.kloset.cutter import PreviousCuts
+    from pgkloset_core.kloset.reader import iter_refs_of
+
+    refs = [list(iter_refs_of(kloset, snap, entry)) for entry in parts]
+    cleans = []
+    for entry, listed in zip(parts, refs, strict=True):
+        found = DumpMap.from_json(entry.meta.get(DUMP_MAP_KEY), entry.size)
+        if found is not None:
+            cleans.append(CleanChunks.from_dump(found, listed))
+    return PreviousDump(PreviousCuts(chain.from_iterable(refs)),
+                        CleanChunks.union(cleans) if cleans else frozenset())
+
+
+def _store_dump(writer: Any, tool: ToolProcess, name: str, scanner: DumpScanner,
+                progress: Progress | None, previous: PreviousDump | None) -> Entry:
+    """One pg_dump's archive as an entry, mapped as it streams by."""
+    clean = previous.clean if previous else frozenset()
+
+    def observe(data: bytes, blob_id: bytes) -> None:
+        scanner.feed(data, blob_id in clean)
+
+    entry: Entry = writer.add_stream(name, tool.stdout, progress=progress, observe=observe,
+                                     previous=previous.cuts if previous else None)
+    tool.check()
+    return entry
+
+
+def _store_parts(writer: Any, dump: _Dump, db: str, progress: Progress | None,
+                 previous: PreviousDump | None) -> None:
+    """The parts of a dump side by side, each its own entry; checked to merge into one archive."""
+    assert dump.tool is not None
+    tools = [dump.tool, *dump.part_tools]
+    names = [dump_entry_name(db), *(part_entry_name(db, k) for k in range(1, len(tools)))]
+    scanners = [DumpScanner(keep_head=True) for _ in tools]
+    failures: list[BaseException] = []  # the first one is reported, not the kills it caused
+    lock = threading.Lock()
+
+    def failed(exc: BaseException) -> None:
+        with lock:
+            failures.append(exc)
+        for tool in tools:
+            tool.kill()  # the other parts' streams end, their threads return
+
+    def part_done(fut: Future[Entry]) -> None:
+        if not fut.cancelled() and fut.exception() is not None:
+            failed(cast(BaseException, fut.exception()))
+
+    with ThreadPoolExecutor(max_workers=len(tools) - 1,
+                            thread_name_prefix="pgkloset-part") as pool:
+        futures = [pool.submit(_store_dump, writer, tool, name, scanner, progress, previous)
+                   for tool, name, scanner in zip(tools[1:], names[1:], scanners[1:],
+                                                  strict=True)]
+        for fut in futures:
+            fut.add_done_callback(part_done)
+        try:
+            entries = [_store_dump(writer, tools[0], names[0], scanners[0], progress, previous)]
+            entries += [f.result() for f in futures]
+        except BaseException as exc:
+            failed(exc)
+            wait(futures)
+            raise failures[0] from None
+    parts: list[Part] = []
+    for k, (entry, scanner) in enumerate(zip(entries, scanners, strict=True)):
+        found = scanner.finish()
+        if found is None or scanner.head is None:
+            raise ToolFailed(f"part {k} of the dump of {db!r} could not be mapped "
+                             f"({scanner.failed}); nothing was committed. "
+                             "--streams 1 dumps it in one part")
+        entry.meta[DUMP_MAP_KEY] = found.to_json()
+        parts.append(Part(found, scanner.head))
+    try:
+        merged = MergedDump(parts)
+    except Unsupported as exc:
+        raise ToolFailed(f"the parts of the dump of {db!r} do not make one archive ({exc}); "
+                         "nothing was committed. --streams 1 dumps it in one part") from None
+    wanted = sorted(t for part in dump.parts for t in part)
+    if merged.tables != wanted:
+        raise ToolFailed(f"the parts of the dump of {db!r} hold other tables than planned; "
+                         "nothing was committed. --streams 1 dumps it in one part")
+    for entry, tables in zip(entries[1:], dump.parts, strict=True):
+        entry.meta[PART_TABLES_KEY] = [list(t) for t in tables]
+    writer.meta[PARTS_KEY] = names[1:]
 
 
 def _record_map(entry: Entry, scanner: DumpScanner, log: Log | None) -> None:

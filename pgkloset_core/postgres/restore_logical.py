@@ -42,7 +42,8 @@ from pgkloset_core.errors import KlosetError, SnapshotNotFound, UsageError
 from pgkloset_core.kloset.repository import Kloset
 from pgkloset_core.kloset.snapshot import Entry, Snapshot
 from pgkloset_core.postgres.binaries import PgBinaries
-from pgkloset_core.postgres.dumpmap import DUMP_MAP_KEY, DumpMap
+from pgkloset_core.postgres.dumpmap import DUMP_MAP_KEY, DumpMap, Unsupported
+from pgkloset_core.postgres.dumpmerge import PARTS_KEY, MergedDump, Part
 from pgkloset_core.postgres.logical import pick_client
 from pgkloset_core.postgres.pgenv import (
     ConnTarget,
@@ -103,6 +104,50 @@ def _dump_entry(snap: Snapshot) -> Entry:
     return entry
 
 
+def dump_entries(snap: Snapshot) -> list[Entry]:
+    """The entries holding the dump: the main one, then any parts (dumpmerge.py)."""
+    entries = [_dump_entry(snap)]
+    for name in snap.meta.get(PARTS_KEY) or []:
+        entry = snap.entry(str(name))
+        if entry is None:
+            raise KlosetError(f"snapshot {snap.short_id} lacks part {name!r} of its dump")
+        entries.append(entry)
+    return entries
+
+
+def merged_dump(kloset: Kloset, snap: Snapshot) -> MergedDump | None:
+    """The one archive a dump taken in parts makes (None for a dump in one part)."""
+    entries = dump_entries(snap)
+    if len(entries) == 1:
+        return None
+    parts: list[Part] = []
+    for entry in entries:
+        found = DumpMap.from_json(entry.meta.get(DUMP_MAP_KEY), entry.size)
+        if found is None:
+            raise KlosetError(f"snapshot {snap.short_id}: entry {entry.name} has no dump map")
+        head = b"".join(kloset.read_entry(snap, entry, ranges=[(0, found.toc_end)]))
+        parts.append(Part(found, head))
+    try:
+        return MergedDump(parts)
+    except Unsupported as exc:
+        raise KlosetError(f"snapshot {snap.short_id}: the parts of its dump do not fit "
+                          f"together ({exc})") from None
+
+
+def read_merged(kloset: Kloset, snap: Snapshot, merged: MergedDump,
+                ranges: list[tuple[int, int]] | None) -> Iterator[bytes | memoryview]:
+    """Bytes of the archive a dump in parts makes (all of it, or ``ranges``)."""
+    entries = dump_entries(snap)
+
+    def read_part(index: int, wanted: list[tuple[int, int]]) -> Iterator[bytes]:
+        return kloset.read_entry(snap, entries[index], ranges=wanted)
+
+    try:
+        yield from merged.read(ranges, read_part)
+    except Unsupported as exc:
+        raise KlosetError(f"snapshot {snap.short_id}: {exc}") from None
+
+
 # ----------------------------------------------------------- archive access
 
 
@@ -125,13 +170,16 @@ class _Archive:
         self._tmp: Path | None = None
         self._spool_wanted = False
         self.map: DumpMap | None = None
+        self.merged: MergedDump | None = None  # a dump taken in parts
         self.ranges: list[tuple[int, int]] | None = None  # None: the whole entry
         try:
             if snap.meta.get("format") == "directory":
                 self._materialize_dir()
             else:
                 entry = _dump_entry(snap)
-                self.map = DumpMap.from_json(entry.meta.get(DUMP_MAP_KEY), entry.size)
+                self.merged = merged_dump(kloset, snap)
+                self.map = (self.merged.map if self.merged is not None
+                            else DumpMap.from_json(entry.meta.get(DUMP_MAP_KEY), entry.size))
                 self._spool_wanted = spool
         except BaseException as exc:
             self.close()  # no half-written dump left in TMPDIR (the `with` never started)
@@ -165,7 +213,9 @@ class _Archive:
                                 f"{exc.strerror or exc}") from None
         self.path = path
 
-    def _read(self, ranges: list[tuple[int, int]] | None) -> Iterator[bytes]:
+    def _read(self, ranges: list[tuple[int, int]] | None) -> Iterator[bytes | memoryview]:
+        if self.merged is not None:
+            return read_merged(self.kloset, self.snap, self.merged, ranges)
         return self.kloset.read_entry(self.snap, _dump_entry(self.snap), ranges=ranges)
 
     def _materialize_dir(self) -> None:
