@@ -54,15 +54,16 @@ def main(argv: list[str] | None = None) -> int:
     backend = CountingBackend(open_backend(args.repo))
     kloset = Kloset.open(backend, os.environ["PGKLOSET_PASSPHRASE"])  # type: ignore[arg-type]
     snap = resolve_snapshot(kloset, args.snapshot)
-    entry = next(e for e in snap.entries if e.type == "stream")
+    entries = [e for e in snap.entries if e.type == "stream"]  # a dump in parts has several
     before, reads = backend.bytes_read, backend.reads
     if args.table:
         restore_logical(kloset, snap, args.to, tables=[args.table], bin_dir=args.bin_dir)
     else:
-        for _data in kloset.read_entry(snap, entry):
-            pass
+        for entry in entries:
+            for _data in kloset.read_entry(snap, entry):
+                pass
     json.dump({"bytes_read": backend.bytes_read - before, "reads": backend.reads - reads,
-               "snapshot_logical_bytes": entry.size}, sys.stdout)
+               "snapshot_logical_bytes": sum(e.size for e in entries)}, sys.stdout)
     return 0
 
 
