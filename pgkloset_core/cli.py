@@ -151,7 +151,9 @@ def cat(app: AppContext, snapshot: str, entry: str | None, no_wait: bool) -> Non
 
     kloset = app.open()
     snap = kloset.resolve(snapshot)
-    if entry is None and snap.kind == "logical" and snap.meta.get("dump_parts"):
+    from pgkloset_core.postgres.dumpmerge import PARTS_KEY
+
+    if entry is None and snap.kind == "logical" and snap.meta.get(PARTS_KEY):
         _cat_merged(app, kloset, snap, no_wait)
         return
     if entry is None:

@@ -64,11 +64,6 @@ class _Piece:
     literal: bytes = b""
 
 
-def moved_tables(part: Part) -> list[tuple[str, str]]:
-    """(schema, table) of each TABLE DATA entry of a data part, in its TOC order."""
-    return [(e.namespace, e.tag) for e in part.toc.entries if e.desc == "TABLE DATA"]
-
-
 class MergedDump:
     """The single archive the parts make; raises Unsupported when they do not fit."""
 
